@@ -1,0 +1,103 @@
+"""The methods table. A leaf: it defines the spec, the table and the decorator, and imports no method module.
+
+A method module (``lora.py``, ``oft.py``, …) calls :func:`register` with a :class:`MethodSpec`; the package
+``__init__`` imports the modules; stages import the package and use :func:`get_method`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+
+class MethodError(ValueError):
+    """Unknown method, unknown option, or an option value a method does not accept."""
+
+
+class MergeError(RuntimeError):
+    """Merging an adapter into its base failed; never swallowed (the paper's merge tool saved the base instead)."""
+
+
+@dataclass
+class BuildContext:
+    """What a builder may need besides the model and its options.
+
+    ``calibration_batch``: a tokenised training batch (``input_ids``, ``attention_mask``, ``labels``) for
+    methods that initialise from gradients (KeepLoRA). ``train``: ``"sft"`` or ``"grpo"``.
+    ``total_steps``: the planned optimizer steps (AdaLoRA's budget schedule needs it).
+    """
+
+    calibration_batch: dict | None = None
+    train: str = "sft"
+    total_steps: int = 100
+    seed: int = 0
+
+
+@dataclass
+class MethodSpec:
+    name: str  # registry name, the value of the ``arena.method`` tag
+    family: str  # e.g. "lora", "oft", "full"
+    summary: str  # one line for ``peft-arena methods``
+    defaults: dict[str, Any]  # every option the method takes, with its paper default
+    option_help: dict[str, str]  # one line per option
+    sft_lr: float  # default SFT learning rate
+    grpo_lr: float  # default GRPO learning rate
+    build: Callable[..., Any]  # build(model, options, ctx) -> trainable model (PeftModel or the model itself)
+    label: Callable[[dict], str]  # short setting label for run names, e.g. "r8", "b32"
+    mergeable: bool = True
+    needs_calibration: bool = False
+    choices: dict[str, list] = field(default_factory=dict)  # allowed values for enumerated options
+
+    def resolve(self, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Defaults updated by overrides, with types coerced to the default's type; unknown keys raise."""
+        options = dict(self.defaults)
+        for key, value in (overrides or {}).items():
+            if key not in self.defaults:
+                known = ", ".join(sorted(self.defaults)) or "none"
+                raise MethodError(f"method {self.name!r} takes no option {key!r} (its options: {known})")
+            options[key] = _coerce(self.name, key, value, self.defaults[key])
+            if key in self.choices and options[key] not in self.choices[key]:
+                raise MethodError(
+                    f"method {self.name!r}: {key}={options[key]!r} is not one of {self.choices[key]}"
+                )
+        return options
+
+
+METHODS: dict[str, MethodSpec] = {}
+
+
+def register(spec: MethodSpec) -> MethodSpec:
+    if spec.name in METHODS:
+        raise MethodError(f"method {spec.name!r} registered twice")
+    METHODS[spec.name] = spec
+    return spec
+
+
+def get_method(name: str) -> MethodSpec:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise MethodError(
+            f"unknown method {name!r}; available: {', '.join(sorted(METHODS))} (see `peft-arena methods`)"
+        ) from None
+
+
+def _coerce(method: str, key: str, value: Any, default: Any) -> Any:
+    if default is None or (type(value) is type(default)):
+        return value
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str) and value.lower() in {"true", "false", "1", "0", "yes", "no"}:
+                return value.lower() in {"true", "1", "yes"}
+            raise ValueError
+        if isinstance(default, int):
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        if isinstance(default, (list, tuple)):
+            return [v.strip() for v in value.split(",")] if isinstance(value, str) else list(value)
+        return type(default)(value)
+    except (TypeError, ValueError):
+        raise MethodError(
+            f"method {method!r}: option {key}={value!r} is not a valid {type(default).__name__}"
+        ) from None

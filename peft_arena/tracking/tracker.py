@@ -1,0 +1,128 @@
+"""The tracker object stages log through. Stages never import mlflow; they get a Tracker.
+
+``MlflowTracker`` logs into one active MLflow run. ``MemoryTracker`` keeps everything in memory, for unit tests
+of stages and for dry runs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+_BAD_KEY_CHARS = re.compile(r"[^0-9A-Za-z_\-. :/]")
+
+
+def metric_key(key: str) -> str:
+    """MLflow accepts only ``[A-Za-z0-9_ . - / : space]`` in names: ``pass@1`` → ``pass_at_1``."""
+    return _BAD_KEY_CHARS.sub("_", key.replace("@", "_at_"))
+
+
+class MemoryTracker:
+    """Records what a stage logs; the same interface as :class:`MlflowTracker`."""
+
+    run_id = "memory"
+
+    def __init__(self) -> None:
+        self.params: dict[str, str] = {}
+        self.metrics: dict[str, list[tuple[int | None, float]]] = {}
+        self.tags: dict[str, str] = {}
+        self.artifacts: dict[str, Any] = {}
+        self.artifact_dir = Path(tempfile.mkdtemp(prefix="arena-artifacts-"))
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self.params.update({k: str(v) for k, v in params.items()})
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None, dataset: str | None = None,
+                    model_id: str | None = None) -> None:
+        for k, v in metrics.items():
+            self.metrics.setdefault(metric_key(k), []).append((step, float(v)))
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        self.tags.update({k: str(v) for k, v in tags.items()})
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.artifacts[f"{artifact_path or ''}/{Path(path).name}".lstrip("/")] = Path(path)
+
+    def log_artifacts(self, directory: str | Path, artifact_path: str | None = None) -> None:
+        self.artifacts[artifact_path or ""] = Path(directory)
+
+    def log_dict(self, obj: Any, name: str) -> None:
+        self.artifacts[name] = obj
+
+    def log_text(self, text: str, name: str) -> None:
+        self.artifacts[name] = text
+
+    def log_figure(self, figure, name: str) -> None:
+        out = self.artifact_dir / name
+        out.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(out)
+        self.artifacts[name] = out
+
+    def log_table(self, data, name: str) -> None:
+        self.artifacts[name] = data
+
+    def last(self, key: str) -> float:
+        return self.metrics[metric_key(key)][-1][1]
+
+
+class MlflowTracker:
+    """Logs into one MLflow run (the active run the entry point resumed or started)."""
+
+    def __init__(self, run_id: str) -> None:
+        import mlflow
+
+        self._mlflow = mlflow
+        self.client = mlflow.MlflowClient()
+        self.run_id = run_id
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        # mlflow run already logged the -P values; re-logging the same key with another value raises,
+        # so only new keys are sent (the resolved config's extra keys).
+        existing = self.client.get_run(self.run_id).data.params
+        fresh = {k: str(v)[:6000] for k, v in params.items() if k not in existing}
+        items = list(fresh.items())
+        for i in range(0, len(items), 100):
+            self._mlflow.log_params(dict(items[i:i + 100]), run_id=self.run_id)
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None, dataset: str | None = None,
+                    model_id: str | None = None) -> None:
+        clean = {metric_key(k): float(v) for k, v in metrics.items()}
+        kwargs: dict[str, Any] = {"run_id": self.run_id, "step": step}
+        if model_id:
+            kwargs["model_id"] = model_id
+        if dataset:
+            kwargs["dataset"] = _named_dataset(dataset)
+        self._mlflow.log_metrics(clean, **kwargs)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, str(v)[:8000])
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_artifacts(self, directory: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifacts(self.run_id, str(directory), artifact_path)
+
+    def log_dict(self, obj: Any, name: str) -> None:
+        self.client.log_text(self.run_id, json.dumps(obj, indent=2, default=str), name)
+
+    def log_text(self, text: str, name: str) -> None:
+        self.client.log_text(self.run_id, text, name)
+
+    def log_figure(self, figure, name: str) -> None:
+        self.client.log_figure(self.run_id, figure, name)
+
+    def log_table(self, data, name: str) -> None:
+        self.client.log_table(self.run_id, data=data, artifact_file=name)
+
+
+def _named_dataset(name: str):
+    """A metadata-only MLflow dataset named after a benchmark, so per-benchmark metrics link to it."""
+    import pandas as pd
+    from mlflow.data.pandas_dataset import from_pandas
+
+    return from_pandas(pd.DataFrame({"benchmark": [name]}), name=name)
