@@ -79,10 +79,16 @@ class MlflowTracker:
         self.run_id = run_id
 
     def log_params(self, params: dict[str, Any]) -> None:
-        # mlflow run already logged the -P values; re-logging the same key with another value raises,
-        # so only new keys are sent (the resolved config's extra keys).
+        # `mlflow run` already logged the -P values as given; MLflow refuses to change a param, so a resolved
+        # value that differs from the given one (e.g. lr "" -> 0.0002) is logged as `resolved.<key>`.
         existing = self.client.get_run(self.run_id).data.params
-        fresh = {k: str(v)[:6000] for k, v in params.items() if k not in existing}
+        fresh: dict[str, str] = {}
+        for key, value in params.items():
+            text = str(value)[:6000]
+            if key not in existing:
+                fresh[key] = text
+            elif existing[key] != text:
+                fresh[f"resolved.{key}"] = text
         items = list(fresh.items())
         for i in range(0, len(items), 100):
             self._mlflow.log_params(dict(items[i:i + 100]), run_id=self.run_id)

@@ -1,0 +1,280 @@
+"""Typed configs for every stage: recipe YAML + dotted overrides, validated with one-line errors.
+
+A stage config is a dataclass. It is built from, in order of precedence (last wins):
+1. the dataclass defaults (they run on the embedded model),
+2. a recipe YAML file (``config=recipes/sft_math.yaml``) with the same keys,
+3. dotted overrides (``lr=1e-4``, ``method.r=16``): the ``set`` parameter and any undeclared ``-P k=v``
+   of ``mlflow run`` (which arrives as ``--k v``).
+
+``method.<option>`` overrides go to ``method_options`` and are validated by the method's own spec.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shlex
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe, parameter or override that cannot be used as given."""
+
+
+@dataclass
+class SFTConfig:
+    """Supervised finetuning of one method on one domain (paper §3.1, CPU-sized defaults)."""
+
+    base_model: str = "smollm2-135m"  # short name, local folder or hub id
+    adapter: str = "lora"  # method registry name (`peft-arena methods`)
+    method_options: dict = field(default_factory=dict)  # method.<option>=value overrides
+    domain: str = "math"  # target domain: math | med
+    data: str = ""  # training data source; empty = the domain's bundled sample
+    limit: int = 64  # training examples used (0 = all)
+    max_length: int = 384  # prompt + response tokens; longer examples are dropped (paper: filter, no truncation)
+    epochs: float = 1.0
+    max_steps: int = -1  # > 0 overrides epochs
+    batch_size: int = 4  # per device
+    grad_accum: int = 1
+    lr: float = 0.0  # 0 = the method's default SFT learning rate
+    warmup_ratio: float = 0.1  # paper: cosine with 10% linear warmup to 0
+    weight_decay: float = 0.01
+    adam_beta2: float = 0.95
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    logging_steps: int = 1
+    output_dir: str = ".arena/outputs"
+    run_name: str = ""  # empty = descriptive name (sft-lora-r8-math-smollm2-135m)
+
+
+@dataclass
+class GRPOStageConfig:
+    """GRPO with verifiable rewards (paper §3.2); knobs not listed here go to ``grpo.<field>`` overrides."""
+
+    base_model: str = "smollm2-135m"
+    adapter: str = "lora"
+    method_options: dict = field(default_factory=dict)
+    grpo_options: dict = field(default_factory=dict)  # grpo.<field>=value overrides of GRPORecipe
+    domain: str = "math"
+    data: str = ""
+    limit: int = 32
+    max_steps: int = 4
+    lr: float = 0.0  # 0 = the method's default GRPO learning rate
+    seed: int = 0
+    output_dir: str = ".arena/outputs"
+    run_name: str = ""
+
+
+@dataclass
+class PromoteConfig:
+    """Merge a trained adapter into its base and register it (alias candidate), or gate champion by policy."""
+
+    source_run: str = ""  # training run id (or runs:/ID/adapter); required for alias=candidate
+    domain: str = ""  # default: the training run's domain
+    merge_dtype: str = "float32"
+    alias: str = "candidate"  # candidate | champion
+    model_uri: str = ""  # for alias=champion: the evaluated version (models:/NAME/N)
+    policy: str = "registry/policy.yaml"
+    run_name: str = ""
+
+
+@dataclass
+class EvalConfig:
+    """Evaluate one model (registry URI, run URI, folder, hub id or base short name) on a benchmark suite."""
+
+    model_uri: str = "smollm2-135m"
+    suite: str = "demo"  # group name(s) or benchmark names, comma separated (`peft-arena benchmarks`)
+    limit: int = 0  # items per benchmark (0 = all available)
+    n_samples: int = 0  # samples per item for sampled benchmarks (0 = the benchmark's protocol)
+    max_new_tokens: int = 0  # 0 = the benchmark's protocol
+    batch_size: int = 8
+    backend: str = "auto"  # auto | transformers | vllm
+    base_model: str = ""  # the base to score gain/forgetting against; empty = from the model's lineage
+    data_dir: str = ""  # folder with full benchmark files (shaped like shared/data); empty = packaged/sample
+    seed: int = 0
+    run_name: str = ""
+
+
+@dataclass
+class SpectralConfig:
+    """Spectral profile of a finetuned model against its base (paper §5, plus subspace metrics)."""
+
+    model_uri: str = ""  # required: trained run (runs:/ID/adapter), registry URI or folder
+    base_model: str = ""  # empty = from the model's lineage
+    layers: str = ""  # comma list of layer indices; empty = all
+    modules: str = ""  # comma list of module-name substrings (e.g. down_proj); empty = all linear
+    window: int = 5  # fluctuation-score moving-average window
+    top_k: int = 32  # subspace size for principal angles / energy share / intruders
+    plot_layers: str = ""  # layer names to plot curves for; empty = the middle layer's modules
+    device: str = "auto"
+    run_name: str = ""
+
+
+@dataclass
+class ReportConfig:
+    """Leaderboard, Pareto plot and family summaries from mlflow.search_runs."""
+
+    experiments: str = ""  # comma list of experiment names; empty = all
+    domain: str = ""
+    base_model: str = ""
+    train: str = ""
+    method: str = ""
+    output_dir: str = ".arena/report"
+    run_name: str = ""
+
+
+STAGE_CONFIGS = {
+    "train_sft": SFTConfig,
+    "train_grpo": GRPOStageConfig,
+    "promote": PromoteConfig,
+    "evaluate": EvalConfig,
+    "spectral": SpectralConfig,
+    "report": ReportConfig,
+}
+
+# Dotted prefixes that collect into a dict field instead of a top-level field.
+_PREFIX_FIELDS = {"method": "method_options", "grpo": "grpo_options"}
+
+
+def parse_assignments(text: str) -> dict[str, str]:
+    """``"lr=1e-4 method.r=16"`` → ``{"lr": "1e-4", "method.r": "16"}`` (shell-style quoting allowed)."""
+    out: dict[str, str] = {}
+    for token in shlex.split(text or ""):
+        key, sep, value = token.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {token!r} is not key=value")
+        out[key.strip()] = value
+    return out
+
+
+def pairs_to_overrides(argv: list[str]) -> dict[str, str]:
+    """Undeclared ``mlflow run -P k=v`` arrive as ``--k v``; also accept ``--k=v``."""
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}; overrides look like --key value or key=value")
+        key, sep, value = arg[2:].partition("=")
+        if not sep:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"--{key} needs a value")
+            value = argv[i + 1]
+            i += 1
+        out[key.replace("-", "_") if "." not in key else key] = value
+        i += 1
+    return out
+
+
+def build_config(stage: str, recipe: str | None = None, overrides: dict[str, Any] | None = None):
+    """The stage's config from defaults, an optional recipe YAML and overrides; raises ConfigError."""
+    cls = STAGE_CONFIGS[stage]
+    values: dict[str, Any] = {}
+    if recipe:
+        path = Path(recipe)
+        if not path.is_file():
+            raise ConfigError(f"recipe {recipe!r} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"recipe {recipe!r} is not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"recipe {recipe!r} must be a mapping of config keys")
+        values.update(_flatten(loaded))
+    values.update(overrides or {})
+    return _instantiate(cls, values)
+
+
+def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and (prefix or key in _PREFIX_FIELDS):
+            out.update(_flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def _instantiate(cls, values: dict[str, Any]):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        head, dot, rest = key.partition(".")
+        if dot and head in _PREFIX_FIELDS and _PREFIX_FIELDS[head] in names:
+            kwargs.setdefault(_PREFIX_FIELDS[head], {})[rest] = _yaml_scalar(value)
+            continue
+        if key not in names or key in _PREFIX_FIELDS.values():
+            valid = ", ".join(sorted(n for n in names if n not in _PREFIX_FIELDS.values()))
+            raise ConfigError(f"unknown {cls.__name__} key {key!r}; valid keys: {valid}")
+        kwargs[key] = _coerce(key, value, hints[key])
+    return cls(**kwargs)
+
+
+def _yaml_scalar(value: Any) -> Any:
+    """Type an override value the way YAML would (``16`` → int, ``true`` → bool, ``1e-4`` → float)."""
+    if not isinstance(value, str):
+        return value
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+    if isinstance(parsed, str) and _looks_float(value):
+        return float(value)
+    return parsed if isinstance(parsed, (int, float, bool, str, list)) else value
+
+
+def _looks_float(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    if hint is dict or typing.get_origin(hint) is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping")
+        return value
+    target = hint if isinstance(hint, type) else None
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        target = next(a for a in typing.get_args(hint) if a is not type(None))
+    if value is None or target is None or (type(value) is target):
+        return value
+    try:
+        if target is bool:
+            text = str(value).strip().lower()
+            if text not in {"true", "false", "1", "0", "yes", "no"}:
+                raise ValueError
+            return text in {"true", "1", "yes"}
+        if target is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(str(value).strip()) if isinstance(value, str) else int(value)
+        if target is float:
+            return float(value)
+        if target is str:
+            return "" if value is None else str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key} must be {target.__name__}, got {value!r}") from None
+    return value
+
+
+def config_params(cfg) -> dict[str, Any]:
+    """Flat params for MLflow: ``method.r``-style keys for the nested option dicts."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        prefix = {v: k for k, v in _PREFIX_FIELDS.items()}.get(f.name)
+        if prefix:
+            out.update({f"{prefix}.{k}": v for k, v in value.items()})
+        else:
+            out[f.name] = value
+    return out
