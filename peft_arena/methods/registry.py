@@ -25,12 +25,15 @@ class BuildContext:
     ``calibration_batch``: a tokenised training batch (``input_ids``, ``attention_mask``, ``labels``) for
     methods that initialise from gradients (KeepLoRA). ``train``: ``"sft"`` or ``"grpo"``.
     ``total_steps``: the planned optimizer steps (AdaLoRA's budget schedule needs it).
+    ``structure_only``: build the adapter's shapes only, e.g. on the meta device for parameter counts; builders
+    skip weight- and data-dependent initialisation (SVD, gradients) and need no calibration batch.
     """
 
     calibration_batch: dict | None = None
     train: str = "sft"
     total_steps: int = 100
     seed: int = 0
+    structure_only: bool = False
 
 
 @dataclass
@@ -47,6 +50,12 @@ class MethodSpec:
     mergeable: bool = True
     needs_calibration: bool = False
     choices: dict[str, list] = field(default_factory=dict)  # allowed values for enumerated options
+    # make_optimizer(model, options, lr=, weight_decay=, betas=) -> torch optimizer, for methods whose optimizer
+    # is part of the method (LoRA+: B gets a larger learning rate); None means the trainer's default AdamW.
+    make_optimizer: Callable[..., Any] | None = None
+    # callbacks(model, options, ctx) -> list of transformers TrainerCallback the method needs during training
+    # (AdaLoRA's rank reallocation); None means none.
+    callbacks: Callable[..., list] | None = None
 
     def resolve(self, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
         """Defaults updated by overrides, with types coerced to the default's type; unknown keys raise."""

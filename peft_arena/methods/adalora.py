@@ -1,0 +1,84 @@
+"""AdaLoRA: SVD-shaped low-rank updates P·Λ·Q whose rank budget is reallocated during training (Zhang et al. 2023).
+
+Every layer starts at ``init_r`` triplets; after ``tinit`` warm-up steps the budget is pruned, every
+``delta_t`` steps, by importance scores down to an average of ``r`` per layer, and held fixed for the last
+``tfinal`` steps. peft does the pruning in ``update_and_allocate``, which must run after each optimizer step
+while the gradients still exist: ``adalora_callbacks`` gives the Trainer callback that does it.
+
+The paper's trainer never called ``update_and_allocate`` (so it trained a fixed rank-12 SVD-shaped adapter);
+``reallocate=false`` reproduces that. Its "r8" row has 1.5× LoRA-r8's parameters: peft's init_r=12.
+"""
+
+from __future__ import annotations
+
+from peft_arena.methods.common import (
+    DEFAULT_TARGETS,
+    PEFT_GRPO_LR,
+    PEFT_SFT_LR,
+    TARGETS_HELP,
+    parse_targets,
+    wrap,
+)
+from peft_arena.methods.registry import BuildContext, MethodError, MethodSpec, register
+
+
+def build_adalora(model, options: dict, ctx: BuildContext):
+    from peft import AdaLoraConfig, TaskType
+
+    if ctx.total_steps < 1:
+        raise MethodError(f"adalora needs the planned number of optimizer steps; got total_steps={ctx.total_steps}")
+    tinit = int(options["tinit_ratio"] * ctx.total_steps)
+    tfinal = int(options["tfinal_ratio"] * ctx.total_steps)
+    if tinit + tfinal >= ctx.total_steps:
+        raise MethodError(f"adalora: tinit ({tinit}) + tfinal ({tfinal}) leave no budget steps out of "
+                          f"{ctx.total_steps}; lower tinit_ratio/tfinal_ratio")
+    config = AdaLoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        target_r=options["r"],
+        init_r=options["init_r"],
+        lora_alpha=options["alpha"],
+        lora_dropout=options["dropout"],
+        target_modules=parse_targets(options["target_modules"]),
+        total_step=ctx.total_steps,
+        tinit=tinit,
+        tfinal=tfinal,
+        deltaT=options["delta_t"],
+        orth_reg_weight=options["orth_reg_weight"],
+    )
+    return wrap(model, config)
+
+
+def adalora_callbacks(model, options: dict, ctx: BuildContext) -> list:
+    """[a TrainerCallback that calls peft's ``update_and_allocate`` after every optimizer step], or [] when
+    ``reallocate`` is off. The gradients still exist at ``on_optimizer_step``: the Trainer zeroes them after."""
+    if not options["reallocate"]:
+        return []
+    from transformers import TrainerCallback  # here, so that listing methods does not import transformers
+
+    class AdaLoraReallocation(TrainerCallback):
+        def on_optimizer_step(self, args, state, control, **kwargs):
+            model.base_model.update_and_allocate(state.global_step)
+
+    return [AdaLoraReallocation()]
+
+
+register(MethodSpec(
+    name="adalora", family="lora",
+    summary="AdaLoRA: SVD-shaped low-rank update with importance-based rank reallocation (Zhang et al. 2023)",
+    defaults={"r": 8, "init_r": 12, "alpha": 16, "dropout": 0.05, "target_modules": DEFAULT_TARGETS,
+              "tinit_ratio": 0.1, "tfinal_ratio": 0.2, "delta_t": 10, "orth_reg_weight": 0.5, "reallocate": True},
+    option_help={
+        "r": "average rank per layer after reallocation (peft target_r)",
+        "init_r": "rank every layer starts with (peft's default 12, as in the paper)",
+        "alpha": "scaling numerator of the update",
+        "dropout": "dropout on the adapter's input",
+        "target_modules": TARGETS_HELP,
+        "tinit_ratio": "fraction of the steps trained before any pruning (tinit)",
+        "tfinal_ratio": "fraction of the steps at the end with the final budget fixed (tfinal)",
+        "delta_t": "steps between two budget reallocations",
+        "orth_reg_weight": "weight of the orthogonality regulariser on P and Q (added when the loss has labels)",
+        "reallocate": "prune ranks during training; false trains fixed init_r ranks as the paper's code did",
+    },
+    sft_lr=PEFT_SFT_LR, grpo_lr=PEFT_GRPO_LR, build=build_adalora, label=lambda o: f"r{o['r']}a{o['alpha']}",
+    callbacks=adalora_callbacks,
+))

@@ -1,0 +1,123 @@
+"""KeepLoRA: a LoRA whose update is kept out of the base weight's principal input subspace (Luo et al. 2026).
+
+peft has no KeepLoRA; this follows the PEFT-Arena implementation (``utils/keeplora.py``):
+
+1. One forward/backward pass of the *base* model on a calibration batch (the first training micro-batch) gives
+   the gradient G (out×in) of every adapted weight W.
+2. V_k: the top-k right singular vectors of W (k = ``principal_rank``, 0 means 4·r).
+3. The residual gradient G_res = G − G·V_k·V_kᵀ has no component along W's principal input directions.
+4. Its rank-r SVD G_res ≈ U_r·Σ_r·Q_rᵀ initialises B = U_r·Σ_r and A = Q_rᵀ.
+5. A is frozen, so every update ΔW = s·B·A has its rows in span(Q_r), orthogonal to V_k: the principal
+   subspace, where the general knowledge sits, is left alone.
+
+``b_init="gradient"`` is the paper's code: the model starts at W + s·U_r·Σ_r·Q_rᵀ, a small step along the
+(projected) gradient, not at W. ``b_init="zero"`` starts B at zero so the model starts exactly at W, with the
+same frozen subspace. The saved adapter is a plain LoRA; A's freezing matters only during training.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from peft_arena.methods.common import (
+    LORA_DEFAULTS,
+    LORA_HELP,
+    PEFT_GRPO_LR,
+    PEFT_SFT_LR,
+    lora_layers,
+    wrap,
+)
+from peft_arena.methods.lora import lora_config
+from peft_arena.methods.registry import BuildContext, MethodError, MethodSpec, register
+
+
+def build_keeplora(model, options: dict, ctx: BuildContext):
+    peft_model = wrap(model, lora_config({k: options[k] for k in LORA_DEFAULTS}))
+    layers = lora_layers(peft_model)
+    if not ctx.structure_only:
+        if ctx.calibration_batch is None:
+            raise MethodError("keeplora initialises from a gradient: pass BuildContext(calibration_batch=…), "
+                              "a tokenised training batch with input_ids, attention_mask and labels")
+        gradients = residual_gradient_inits(peft_model, layers, ctx.calibration_batch, options)
+        with torch.no_grad():
+            for name, layer in layers:
+                lora_b, lora_a = gradients[name]
+                layer.lora_A["default"].weight.copy_(lora_a)
+                layer.lora_B["default"].weight.copy_(lora_b if options["b_init"] == "gradient" else 0.0)
+    for _, layer in layers:
+        layer.lora_A["default"].weight.requires_grad_(False)
+    return peft_model
+
+
+def residual_gradient_inits(peft_model, layers, batch: dict, options: dict) -> dict[str, tuple]:
+    """{layer name: (U_r·Σ_r, Q_rᵀ)} from one backward pass of the base model (adapters disabled).
+
+    Each weight's init is computed in a post-accumulate-grad hook and its gradient dropped at once, so the pass
+    never holds more than one full-size gradient beyond what autograd itself keeps.
+    """
+    r = options["r"]
+    principal_rank = options["principal_rank"] or 4 * r
+    inits: dict[str, tuple] = {}
+    handles = []
+
+    def hook_for(name, weight):
+        def hook(param):
+            inits[name] = _project_and_factor(weight.detach(), param.grad, principal_rank, r)
+            param.grad = None
+        return hook
+
+    weights = [(name, layer.get_base_layer().weight) for name, layer in layers]
+    was_training = peft_model.training
+    try:
+        for name, weight in weights:
+            weight.requires_grad_(True)
+            handles.append(weight.register_post_accumulate_grad_hook(hook_for(name, weight)))
+        peft_model.eval()  # no dropout: the gradient of the model as it is
+        device = weights[0][1].device
+        inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
+        if "labels" not in inputs:
+            raise MethodError("keeplora's calibration batch needs labels (the training loss's masked targets)")
+        with peft_model.disable_adapter():
+            loss = peft_model(**inputs).loss
+        loss.backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+        for _, weight in weights:
+            weight.requires_grad_(False)
+            weight.grad = None
+        peft_model.train(was_training)
+    missing = [name for name, _ in weights if name not in inits]
+    if missing:
+        raise MethodError(f"keeplora: no gradient reached {missing[0]} (and {len(missing) - 1} more); "
+                          "the calibration batch's labels may all be masked (-100)")
+    return inits
+
+
+@torch.no_grad()
+def _project_and_factor(weight: torch.Tensor, grad: torch.Tensor, principal_rank: int, r: int):
+    w, g = weight.float(), grad.float()
+    k = min(principal_rank, min(w.shape))
+    v_k = torch.linalg.svd(w, full_matrices=False)[2][:k].T  # in × k
+    g_res = g - (g @ v_k) @ v_k.T
+    u, s, qh = torch.linalg.svd(g_res, full_matrices=False)
+    rank = min(r, s.numel())
+    lora_b = torch.zeros(w.shape[0], r, dtype=w.dtype, device=w.device)
+    lora_a = torch.zeros(r, w.shape[1], dtype=w.dtype, device=w.device)
+    lora_b[:, :rank] = u[:, :rank] * s[:rank]
+    lora_a[:rank] = qh[:rank]
+    return lora_b, lora_a
+
+
+register(MethodSpec(
+    name="keeplora", family="lora",
+    summary="KeepLoRA: LoRA with A frozen to the residual gradient's top-r directions, orthogonal to W's "
+            "principal subspace (Luo et al. 2026)",
+    defaults={**LORA_DEFAULTS, "principal_rank": 0, "b_init": "gradient"},
+    option_help={**LORA_HELP,
+                 "principal_rank": "k, the number of W's top right singular vectors the update avoids (0: 4·r)",
+                 "b_init": "gradient: B = U_r·Σ_r as in the paper's code (model starts off W); zero: B = 0"},
+    choices={"b_init": ["gradient", "zero"]},
+    sft_lr=PEFT_SFT_LR, grpo_lr=PEFT_GRPO_LR, build=build_keeplora, label=lambda o: f"r{o['r']}",
+    needs_calibration=True,
+))

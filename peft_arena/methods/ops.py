@@ -1,0 +1,182 @@
+"""What stages do with a method: build it, save and load the trained result, merge it, count its parameters.
+
+The trained-artifact format: a folder with either peft's ``save_pretrained`` output (adapter_config.json +
+adapter_model.safetensors) or, for ``full``, a whole Hugging Face model folder; plus ``arena_method.json`` =
+{"method", "options", "base_model", "base_source", "label"}.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from peft_arena.methods.registry import BuildContext, MergeError, MethodError, get_method
+
+ARENA_FILE = "arena_method.json"
+
+
+def build(model, method: str, overrides: dict[str, Any] | None = None, ctx: BuildContext | None = None):
+    """(trainable model, resolved options): ``method`` applied to ``model`` with its defaults updated by overrides."""
+    spec = get_method(method)
+    options = spec.resolve(overrides)
+    return spec.build(model, options, ctx or BuildContext()), options
+
+
+def count_trainable(model) -> tuple[int, int]:
+    """(trainable, total) parameters; a tied embedding counts once. Buffers (VeRA's shared projections) don't count."""
+    trainable = total = 0
+    for param in model.parameters():  # parameters() yields each tensor once, so tied weights count once
+        total += param.numel()
+        if param.requires_grad:
+            trainable += param.numel()
+    return trainable, total
+
+
+@dataclass
+class ParamCount:
+    method: str
+    label: str
+    options: dict
+    base_model: str
+    trainable: int  # parameters the optimizer updates
+    total: int  # all parameters of the adapted model (base + adapter)
+    base_total: int  # parameters of the base alone
+    embedding: int  # input embedding + LM head (once if tied): the part the paper leaves out of full FT's count
+
+    @property
+    def trainable_pct(self) -> float:
+        return 100.0 * self.trainable / self.base_total
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "trainable_pct": self.trainable_pct}
+
+
+def count_params(base: str, method: str, overrides: dict[str, Any] | None = None) -> ParamCount:
+    """Trainable and total parameters of ``method`` on ``base`` (short name, folder or hub id), built on the meta
+    device from the base's config alone: no weights are read or allocated, so 7B models count in about a second."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from peft_arena.models import base_config
+
+    spec = get_method(method)
+    options = spec.resolve(overrides)
+    config = base_config(base)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+        base_total = count_trainable(model)[1]
+        embedding = _embedding_params(model)
+        # total_steps only feeds AdaLoRA's schedule checks; any value large enough for the default ratios does.
+        trained = spec.build(model, options, BuildContext(structure_only=True, total_steps=1000))
+    trainable, total = count_trainable(trained)
+    return ParamCount(method=method, label=spec.label(options), options=options, base_model=base,
+                      trainable=trainable, total=total, base_total=base_total, embedding=embedding)
+
+
+def _embedding_params(model) -> int:
+    tensors = {id(p): p for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None
+               for p in m.parameters()}
+    return sum(p.numel() for p in tensors.values())
+
+
+def save_trained(model, out_dir: str | Path, *, method: str, options: dict, base_model: str, base_source: str,
+                 tokenizer=None) -> Path:
+    """Write the trained-artifact folder; returns it.
+
+    PiSSA/MiLoRA rewrote the base weights in memory; their adapter is converted by peft to a rank-2r LoRA on the
+    original base (``path_initial_model_for_weight_conversion``), so the folder loads on the untouched base.
+    """
+    from peft import PeftModel
+
+    spec = get_method(method)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if method == "full":
+        if isinstance(model, PeftModel):
+            raise MethodError("method 'full' was given a PEFT model; save it under its adapter method")
+        model.save_pretrained(out)
+    elif not isinstance(model, PeftModel):
+        raise MethodError(f"method {method!r} trains an adapter, but the model to save carries none")
+    elif hasattr(model, "_arena_initial_adapter"):
+        _save_converted(model, out)
+    else:
+        model.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    record = {"method": method, "options": options, "base_model": base_model, "base_source": base_source,
+              "label": spec.label(options)}
+    (out / ARENA_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    return out
+
+
+def _save_converted(model, out: Path) -> None:
+    from safetensors.torch import save_file
+
+    config, state = model._arena_initial_adapter
+    scratch = Path(tempfile.mkdtemp(prefix="arena-initial-adapter-"))
+    try:
+        initial = scratch / "initial"
+        config.save_pretrained(initial)
+        save_file({k: v.contiguous() for k, v in state.items()}, initial / "adapter_model.safetensors")
+        model.save_pretrained(out, path_initial_model_for_weight_conversion=str(initial))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def read_arena_method(trained_dir: str | Path) -> dict:
+    path = Path(trained_dir) / ARENA_FILE
+    if not path.exists():
+        raise MethodError(f"{trained_dir} has no {ARENA_FILE}: it is not a trained artifact of the arena "
+                          "(a plain Hugging Face model folder is loaded as a base model instead)")
+    return json.loads(path.read_text())
+
+
+def load_trained(base_source_or_model, trained_dir: str | Path, dtype: str = "float32"):
+    """The trained model of an artifact folder: a PeftModel on its base, or the full model for method ``full``.
+
+    ``base_source_or_model``: a loaded base model, a folder or hub id, or None for the base recorded in
+    ``arena_method.json``.
+    """
+    from peft import PeftModel
+
+    from peft_arena.models import load_model
+
+    record = read_arena_method(trained_dir)
+    if record["method"] == "full":
+        return load_model(str(trained_dir), dtype=dtype)
+    base = base_source_or_model if base_source_or_model is not None else record["base_source"]
+    if isinstance(base, (str, Path)):
+        base = load_model(str(base), dtype=dtype)
+    if isinstance(base, PeftModel):
+        raise MethodError("load_trained needs a plain base model, not one that already carries an adapter")
+    return PeftModel.from_pretrained(base, str(trained_dir))
+
+
+def merge(model):
+    """A plain transformers model with the adapter folded into the weights; a full model is returned as is.
+
+    Raises MergeError when peft cannot merge (never falls back to the unmerged or base model).
+    """
+    from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from transformers import PreTrainedModel
+
+    if isinstance(model, PeftModel):
+        kind = model.peft_config[model.active_adapter].peft_type
+        try:
+            merged = model.merge_and_unload(safe_merge=True)
+        except Exception as err:  # peft raises ValueError, NotImplementedError, AttributeError… depending on type
+            raise MergeError(f"merging the {kind} adapter failed: {type(err).__name__}: {err}") from err
+        leftover = [n for n, m in merged.named_modules() if isinstance(m, BaseTunerLayer)]
+        if leftover:
+            raise MergeError(f"merging the {kind} adapter left adapter layers behind, e.g. {leftover[0]}")
+        return merged
+    if isinstance(model, PreTrainedModel):
+        if any(isinstance(m, BaseTunerLayer) for m in model.modules()):
+            raise MergeError("the model holds injected adapter layers without a PeftModel wrapper; cannot merge")
+        return model
+    raise MergeError(f"cannot merge a {type(model).__name__}: expected a PeftModel or a transformers model")
