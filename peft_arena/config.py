@@ -37,18 +37,18 @@ class SFTConfig:
     data: str = ""  # training data source; empty = the domain's bundled sample
     limit: int = 64  # training examples used (0 = all)
     max_length: int = 384  # prompt + response tokens; longer examples are dropped (paper: filter, no truncation)
-    epochs: float = 1.0
+    epochs: float = 1.0  # passes over the training data (paper: 4)
     max_steps: int = -1  # > 0 overrides epochs
-    batch_size: int = 4  # per device
-    grad_accum: int = 1
+    batch_size: int = 4  # sequences per device per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step (paper: 256 global / 2 micro)
     lr: float = 0.0  # 0 = the method's default SFT learning rate
     warmup_ratio: float = 0.1  # paper: cosine with 10% linear warmup to 0
-    weight_decay: float = 0.01
-    adam_beta2: float = 0.95
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    logging_steps: int = 1
-    output_dir: str = ".arena/outputs"
+    weight_decay: float = 0.01  # AdamW, adapters included (paper)
+    adam_beta2: float = 0.95  # AdamW betas (0.9, adam_beta2) (paper)
+    max_grad_norm: float = 1.0  # gradient clipping (paper)
+    seed: int = 0  # model init, data order and sampling
+    logging_steps: int = 1  # log the training curves every N optimizer steps
+    output_dir: str = ".arena/outputs"  # local working folder; the adapter is logged to MLflow
     run_name: str = ""  # empty = descriptive name (sft-lora-r8-math-smollm2-135m)
 
 
@@ -62,12 +62,12 @@ class GRPOStageConfig:
     grpo_options: dict = field(default_factory=dict)  # grpo.<field>=value overrides of GRPORecipe
     domain: str = "math"
     data: str = ""
-    limit: int = 32
-    max_steps: int = 4
+    limit: int = 32  # prompts used (0 = all)
+    max_steps: int = 4  # GRPO optimizer steps
     lr: float = 0.0  # 0 = the method's default GRPO learning rate
-    seed: int = 0
-    output_dir: str = ".arena/outputs"
-    run_name: str = ""
+    seed: int = 0  # model init, data order and sampling
+    output_dir: str = ".arena/outputs"  # local working folder; the adapter is logged to MLflow
+    run_name: str = ""  # empty = descriptive name (grpo-lora-r8a16-math-smollm2-135m)
 
 
 @dataclass

@@ -99,7 +99,7 @@ def train_sft(cfg: SFTConfig, tracker, output_dir: str | Path) -> dict:
         gradient_accumulation_steps=cfg.grad_accum,
         learning_rate=lr,
         lr_scheduler_type="cosine",
-        warmup_steps=max(0, round(cfg.warmup_ratio * total_steps)),
+        warmup_steps=cfg.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
         weight_decay=cfg.weight_decay,
         adam_beta1=0.9,
         adam_beta2=cfg.adam_beta2,

@@ -1,0 +1,262 @@
+"""``peft-arena``: the entry points' verbs plus ``methods``, ``benchmarks``, ``count-params`` and ``demo``.
+
+Every stage verb takes the fields of its config (``peft_arena/config.py``) as ``--field value``, a recipe
+(``--config recipe.yaml``), dotted overrides (``--set "lr=1e-4 method.r=16"``), and any other ``--key value``
+as a dotted override (that is how undeclared ``mlflow run -P key=value`` arrive). Errors print one line and exit
+non-zero; a stage that fails ends its MLflow run FAILED with the reason in the ``arena.error`` tag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import json
+import os
+import re
+import sys
+from typing import Callable
+
+from peft_arena.config import STAGE_CONFIGS, ConfigError, build_config, pairs_to_overrides, parse_assignments
+
+STAGE_HELP = {
+    "train_sft": (
+        "Supervised finetuning of one PEFT method on a target domain (TRL SFTTrainer).",
+        "Logs: the resolved config as params, loss/grad-norm/learning-rate curves (HF MLflowCallback), "
+        "trainable/total parameter counts, the trained adapter folder as artifact `adapter/`, and lineage tags "
+        "(arena.stage/method/domain/base_model/train, library versions).",
+    ),
+    "train_grpo": (
+        "GRPO (RL with verifiable rewards) of one PEFT method on a target domain (TRL GRPOTrainer).",
+        "Logs: the effective GRPO settings (grpo.*), reward/accuracy/entropy/completion-length (and KL when on) "
+        "curves, a completions table every N steps, the adapter folder as artifact `adapter/`, lineage tags, and "
+        "which generation backend ran (arena.generation_backend).",
+    ),
+    "promote": (
+        "Merge a trained adapter into its base and register it as `<base-short>-<domain>` with alias "
+        "`candidate`; with --alias champion, move `champion` to an evaluated version if the registry/ policy passes.",
+        "Logs: the merged model (MLflow transformers flavor) registered as a new version, version tags "
+        "(arena.method/train/domain/source_run), and the alias move with who/when/why on the version.",
+    ),
+    "evaluate": (
+        "Evaluate a model (models:/NAME@ALIAS, models:/NAME/N, runs:/ID/adapter, a folder, a hub id or a base "
+        "short name) on a benchmark suite, against its base model's cached evaluation.",
+        "Logs: target/<bench>/<metric> and general/<bench>/<metric> (linked to the benchmark as dataset), "
+        "score/target_avg, score/general_avg, score/target_gain_pp, score/general_delta_pp, score/forget_pp, "
+        "per-sample tables, a paper-shaped CSV; writes the headline scores onto the registry version.",
+    ),
+    "spectral": (
+        "Spectral profile of a finetuned model against its base (retention/adaptation profiles, stable rank, "
+        "fluctuation scores, subspace angles, energy share, intruder dimensions, norm comparison).",
+        "Logs: spectral/<module>/<metric> summary metrics, per-matrix profiles and spectral_summary.json under "
+        "`spectral/`, PNG plots under `plots/`.",
+    ),
+    "report": (
+        "Leaderboard, target-vs-general Pareto plot, method-family summary and spectral method grid from "
+        "mlflow.search_runs.",
+        "Logs: leaderboard.csv, leaderboard.md, family_summary.csv, pareto.png (and the method grid) as "
+        "artifacts of a report run; prints the leaderboard.",
+    ),
+}
+
+
+def _field_docs(cls) -> dict[str, str]:
+    """The trailing ``# comment`` of each dataclass field, used as its --help text."""
+    docs = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.*)$", line)
+        if m:
+            docs[m.group(1)] = m.group(2)
+    return docs
+
+
+def _methods_epilog() -> str:
+    from peft_arena.methods import METHODS
+
+    lines = ["methods (peft-arena methods --json for options and defaults):"]
+    for name, spec in sorted(METHODS.items()):
+        lines.append(f"  {name:<9} {spec.summary}")
+    return "\n".join(lines)
+
+
+def _benchmarks_epilog() -> str:
+    from peft_arena.evaluation import describe_benchmarks
+
+    lines = ["benchmarks (peft-arena benchmarks --json for sources and protocols):"]
+    for b in describe_benchmarks():
+        lines.append(f"  {b['name']:<12} {b['group']}")
+    return "\n".join(lines)
+
+
+def _add_stage_parser(sub, stage: str, listings: bool) -> None:
+    cls = STAGE_CONFIGS[stage]
+    summary, logs = STAGE_HELP[stage]
+    epilog = logs
+    if listings and stage in ("train_sft", "train_grpo"):
+        epilog += "\n\n" + _methods_epilog()
+    if listings and stage == "evaluate":
+        epilog += "\n\n" + _benchmarks_epilog()
+    p = sub.add_parser(stage.replace("_", "-"), help=summary, description=summary, epilog=epilog,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    docs = _field_docs(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in ("method_options", "grpo_options"):
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else None
+        flags = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+        p.add_argument(*flags, dest=f.name, default=argparse.SUPPRESS, metavar=f.name.upper(),
+                       help=f"{docs.get(f.name, '')} (default: {default!r})".replace("%", "%%"))
+    if stage in ("train_sft", "train_grpo"):
+        p.add_argument("--method", dest="adapter", default=argparse.SUPPRESS, help="alias of --adapter")
+    p.add_argument("--config", default="", help="recipe YAML with the same keys (overridden by flags)")
+    p.add_argument("--set", default="", help='dotted overrides, e.g. "lr=1e-4 method.r=16 grpo.beta=0.04"')
+    p.add_argument("--json", action="store_true", help="print the stage's result as JSON")
+    p.set_defaults(stage=stage)
+
+
+def _stage_runner(stage: str) -> Callable:
+    if stage == "train_sft":
+        from peft_arena.stages.train import run_train_sft as fn
+    elif stage == "train_grpo":
+        from peft_arena.stages.train import run_train_grpo as fn
+    elif stage == "promote":
+        from peft_arena.stages.promote import run_promote as fn
+    elif stage == "evaluate":
+        from peft_arena.stages.evaluate import run_evaluate as fn
+    elif stage == "spectral":
+        from peft_arena.stages.spectral import run_spectral as fn
+    else:
+        from peft_arena.stages.report import run_report as fn
+    return fn
+
+
+def run_stage(stage: str, recipe: str | None, overrides: dict) -> dict:
+    """Resume/start the stage's MLflow run, build and validate its config inside it, run the stage."""
+    from peft_arena.tracking.runs import arena_run
+
+    with arena_run(stage) as tracker:
+        cfg = build_config(stage, recipe, overrides)
+        result = _stage_runner(stage)(cfg, tracker)
+        return {"run_id": tracker.run_id, **(result or {})}
+
+
+def _cmd_stage(args, extra: list[str]) -> int:
+    overrides = {k: v for k, v in vars(args).items()
+                 if k not in ("stage", "config", "set", "json", "command")}
+    overrides.update(parse_assignments(args.set))
+    overrides.update(pairs_to_overrides(extra))
+    # mlflow run passes every declared parameter; an empty string means "use the config default".
+    overrides = {k: v for k, v in overrides.items() if v != ""}
+    result = run_stage(args.stage, args.config or None, overrides)
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        print(f"[peft-arena] {args.stage} finished: run {result['run_id']}", file=sys.stderr)
+    return 0
+
+
+def _cmd_methods(args) -> int:
+    from peft_arena.methods import describe_methods
+
+    rows = describe_methods()
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    for r in rows:
+        opts = ", ".join(f"{k}={v}" for k, v in r["defaults"].items()) or "-"
+        print(f"{r['name']:<9} {r['family']:<6} sft_lr={r['sft_lr']:<7g} grpo_lr={r['grpo_lr']:<7g} "
+              f"merge={'yes' if r['mergeable'] else 'no':<3}  {opts}\n          {r['summary']}")
+    return 0
+
+
+def _cmd_benchmarks(args) -> int:
+    from peft_arena.evaluation import describe_benchmarks
+
+    rows = describe_benchmarks()
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    for r in rows:
+        print(f"{r['name']:<12} {r['group']:<12} {r.get('protocol', '')}")
+    return 0
+
+
+def _cmd_count_params(args) -> int:
+    from peft_arena.methods.ops import count_params
+
+    overrides = {}
+    for item in args.set or []:
+        overrides.update(parse_assignments(item))
+    result = count_params(args.base, args.method, overrides)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{result['method']} {result['label']} on {result['base']}: trainable "
+              f"{result['trainable']:,} ({result['trainable'] / 1e6:.2f}M) of {result['total']:,}")
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from peft_arena.demo import run_demo
+
+    run_demo(args.dir, fast=args.fast)
+    return 0
+
+
+def build_parser(listings_for: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+    """The CLI; verbs in ``listings_for`` get the method/benchmark tables in their --help (built on demand
+    because they import peft and the evaluators)."""
+    parser = argparse.ArgumentParser(
+        prog="peft-arena",
+        description="Which finetuning method learns the most and forgets the least? Train, promote, evaluate, "
+                    "profile and compare PEFT methods, tracked in MLflow (MLFLOW_TRACKING_URI, default "
+                    "sqlite:///mlflow.db).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="VERB")
+    for stage in STAGE_CONFIGS:
+        _add_stage_parser(sub, stage, stage.replace("_", "-") in listings_for)
+    p = sub.add_parser("methods", help="list every PEFT method with its defaults and learning rates")
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("benchmarks", help="list every benchmark with its group, source and protocol")
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("count-params", help="trainable and total parameters of a method on a base (meta device, "
+                                            "no weights)", epilog=_methods_epilog() if "count-params" in listings_for else None,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", required=True, help="qwen2.5-7b, llama3.2-3b, smollm2-135m, tiny, or a model folder")
+    p.add_argument("--method", required=True)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="method option, e.g. --set r=16")
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("demo", help="a small arena on the embedded model: SFT LoRA and OFT, promote, evaluate "
+                                    "(and the base), spectral, report; prints how to open the MLflow UI")
+    p.add_argument("--dir", default="demo_arena", help="folder for the demo's MLflow store and outputs")
+    p.add_argument("--fast", action="store_true", help="the tiny random model and minimal steps (a smoke run)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    wants_help = any(a in ("-h", "--help") for a in argv)
+    parser = build_parser(listings_for=tuple(argv[:1]) if wants_help else ())
+    args, extra = parser.parse_known_args(argv)
+    try:
+        if hasattr(args, "stage"):
+            return _cmd_stage(args, extra)
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        handler = {"methods": _cmd_methods, "benchmarks": _cmd_benchmarks, "count-params": _cmd_count_params,
+                   "demo": _cmd_demo}[args.command]
+        return handler(args)
+    except KeyboardInterrupt:
+        print("peft-arena: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # one clear line; the run (if any) holds the traceback in error.txt
+        if os.environ.get("PEFT_ARENA_DEBUG"):
+            raise
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"peft-arena: error: {message}", file=sys.stderr)
+        return 2 if isinstance(exc, (ConfigError, ValueError, KeyError)) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""The train_sft and train_grpo stages: tag the run, train, log the trained artifact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from peft_arena.config import GRPOStageConfig, SFTConfig, config_params
+from peft_arena.methods import get_method
+from peft_arena.models import resolve_base
+from peft_arena.tracking.naming import run_name
+
+# The resolved config is logged as `cfg.<key>`: unprefixed names belong to `mlflow run -P` and to the HF
+# MLflowCallback (TrainingArguments), and MLflow refuses to change a logged param.
+_NOT_PARAMS = ("output_dir", "run_name")
+
+
+def _lineage(cfg, train: str, label: str, base) -> dict[str, str]:
+    return {
+        "arena.method": cfg.adapter,
+        "arena.method_label": label,
+        "arena.domain": cfg.domain,
+        "arena.base_model": base.short,
+        "arena.base_source": base.source,
+        "arena.base_display": base.display,
+        "arena.train": train,
+    }
+
+
+def _prepare(cfg, stage: str, train: str, tracker):
+    spec = get_method(cfg.adapter)  # unknown method -> MethodError before any work
+    options = spec.resolve(cfg.method_options)
+    if cfg.domain not in ("math", "med"):
+        raise ValueError(f"unknown domain {cfg.domain!r}: use math or med")
+    base = resolve_base(cfg.base_model)
+    label = spec.label(options)
+    name = cfg.run_name or run_name(stage, train, cfg.adapter, label, cfg.domain, base.short)
+    tracker.set_tags({**_lineage(cfg, train, label, base), "mlflow.runName": name})
+    tracker.log_params({f"cfg.{k}": v for k, v in config_params(cfg).items() if k not in _NOT_PARAMS})
+    return Path(cfg.output_dir) / tracker.run_id
+
+
+def run_train_sft(cfg: SFTConfig, tracker) -> dict:
+    from peft_arena.training.sft import train_sft
+
+    out = _prepare(cfg, "train_sft", "sft", tracker)
+    return train_sft(cfg, tracker, out)
+
+
+def run_train_grpo(cfg: GRPOStageConfig, tracker) -> dict:
+    from peft_arena.data import load_records
+    from peft_arena.training.grpo import GRPORecipe, train_grpo
+    from peft_arena.training.sft import default_data
+
+    out = _prepare(cfg, "train_grpo", "grpo", tracker)
+    base = resolve_base(cfg.base_model)
+    recipe = GRPORecipe(**{**cfg.grpo_options, "max_steps": cfg.max_steps, "seed": cfg.seed,
+                           **({"learning_rate": cfg.lr} if cfg.lr else {})})
+    records = load_records(cfg.data or default_data(cfg.domain), cfg.domain, limit=cfg.limit or None, seed=cfg.seed)
+    return train_grpo(base.source, base.source, cfg.adapter, cfg.method_options, records, cfg.domain, recipe,
+                      str(out), tracker)
