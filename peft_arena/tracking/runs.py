@@ -82,3 +82,48 @@ def arena_run(stage: str, run_name: str | None = None, tags: dict | None = None)
         raise
     else:
         mlflow.end_run("FINISHED")
+
+
+@contextmanager
+def side_run(stage: str, run_name: str, tags: dict | None = None) -> Iterator[MlflowTracker]:
+    """A second, separate run next to the active one (e.g. the base model's evaluation that an evaluate
+    stage needs and caches); it ends FINISHED, or FAILED with the reason, on its own."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    active = mlflow.active_run()
+    experiment_id = active.info.experiment_id if active else _experiment_id(mlflow)
+    run = client.create_run(experiment_id, run_name=run_name,
+                            tags={"arena.stage": stage, **versions(), **(tags or {})})
+    tracker = MlflowTracker(run.info.run_id)
+    try:
+        yield tracker
+    except BaseException as exc:
+        client.set_tag(run.info.run_id, ERROR_TAG, f"{type(exc).__name__}: {exc}"[:8000])
+        client.set_terminated(run.info.run_id, "FAILED")
+        raise
+    else:
+        client.set_terminated(run.info.run_id, "FINISHED")
+
+
+def run_tags(run_id: str) -> dict[str, str]:
+    """Tags of a run (lineage lookups: what base a training run used)."""
+    import mlflow
+
+    return dict(mlflow.MlflowClient().get_run(run_id).data.tags)
+
+
+def find_base_evaluation(base_short: str, eval_key: str) -> tuple[str, dict[str, float]] | None:
+    """The newest finished evaluation of ``base_short`` with exactly these settings, as (run_id, metrics)."""
+    import mlflow
+
+    runs = mlflow.search_runs(
+        search_all_experiments=True,
+        filter_string=(f"tags.`arena.stage` = 'evaluate' AND tags.`arena.is_base` = 'true' AND "
+                       f"tags.`arena.base_model` = '{base_short}' AND tags.`arena.eval_key` = '{eval_key}' AND "
+                       "attributes.status = 'FINISHED'"),
+        order_by=["attributes.start_time DESC"], max_results=1, output_format="list",
+    )
+    if not runs:
+        return None
+    return runs[0].info.run_id, dict(runs[0].data.metrics)

@@ -1,0 +1,180 @@
+"""The evaluate stage: resolve the model, run the suite, score it against its base's cached evaluation.
+
+The base model is evaluated with exactly the same suite and settings (the ``arena.eval_key`` hash); that
+evaluation is its own run, reused by every later evaluation with the same key and never recomputed silently
+with other settings.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from peft_arena.config import EvalConfig
+from peft_arena.models import KNOWN_BASES, resolve_base
+from peft_arena.tracking.naming import run_name
+from peft_arena.tracking.runs import find_base_evaluation, run_tags, side_run
+
+LINEAGE_TAGS = ("arena.method", "arena.method_label", "arena.train", "arena.domain", "arena.base_model",
+                "arena.base_source")
+
+
+def _merged_folder(trained_dir: str, base_source: str | None) -> str:
+    """A merged HF folder for a trained-artifact folder (runs:/ID/adapter), so every backend loads one model."""
+    from peft_arena.methods import ops
+    from peft_arena.models import load_tokenizer
+
+    record = ops.read_arena_method(trained_dir)
+    model = ops.merge(ops.load_trained(base_source or record["base_source"], trained_dir))
+    out = Path(tempfile.mkdtemp(prefix="arena-eval-merged-"))
+    model.save_pretrained(out)
+    load_tokenizer(trained_dir if (Path(trained_dir) / "tokenizer_config.json").exists()
+                   else record["base_source"]).save_pretrained(out)
+    return str(out)
+
+
+def _target(cfg: EvalConfig) -> dict:
+    """What to evaluate: local folder, lineage tags, registry version; base short names are bases."""
+    if cfg.model_uri in KNOWN_BASES:
+        base = resolve_base(cfg.model_uri)
+        return {"path": base.source, "is_base": True, "lineage": {"arena.base_model": base.short,
+                                                                  "arena.base_source": base.source},
+                "resolved": None}
+    from peft_arena.tracking.registry import resolve_model_uri
+
+    resolved = resolve_model_uri(cfg.model_uri)
+    lineage = {k: v for k, v in resolved.tags.items() if k in LINEAGE_TAGS}
+    if resolved.source_run:
+        source_tags = run_tags(resolved.source_run)
+        lineage = {**{k: v for k, v in source_tags.items() if k in LINEAGE_TAGS}, **lineage}
+    path = resolved.local_path
+    if (Path(path) / "arena_method.json").exists():
+        path = _merged_folder(path, lineage.get("arena.base_source"))
+    return {"path": path, "is_base": False, "lineage": lineage, "resolved": resolved}
+
+
+def _base_for(cfg: EvalConfig, lineage: dict) -> tuple[str, str] | None:
+    """(short name, source) of the base to score against, or None when the lineage does not say."""
+    if cfg.base_model:
+        base = resolve_base(cfg.base_model)
+        return base.short, base.source
+    if lineage.get("arena.base_model"):
+        short = lineage["arena.base_model"]
+        source = lineage.get("arena.base_source") or resolve_base(short).source
+        return short, source
+    return None
+
+
+def _evaluate(path: str, benchmarks, cfg: EvalConfig):
+    from peft_arena.evaluation.runner import evaluate_model
+
+    return evaluate_model(
+        path, benchmarks, limit=cfg.limit or None, n_samples=cfg.n_samples or None,
+        max_new_tokens=cfg.max_new_tokens or None, backend=cfg.backend, batch_size=cfg.batch_size,
+        seed=cfg.seed, data_dir=cfg.data_dir or None,
+    )
+
+
+def _log_result(tracker, result, checkpoint: str, model_id: str | None, scores: dict) -> None:
+    """Per-benchmark metrics linked to the benchmark (dataset) and the model, tables, the paper-shaped CSV."""
+    by_bench: dict[str, dict[str, float]] = {}
+    for key, value in result.metrics.items():
+        by_bench.setdefault(key.split("/")[1], {})[key] = value
+    for bench, metrics in by_bench.items():
+        tracker.log_metrics(metrics, dataset=bench, model_id=model_id)
+    if scores:
+        tracker.log_metrics(scores, model_id=model_id)
+    for bench, table in result.samples.items():
+        tracker.log_table(table, f"samples/{bench}.json")
+    rows = result.paper_rows(checkpoint) + [
+        {"checkpoint": checkpoint, "domain": "arena", "benchmark": "AVG", "metric": k, "value": v}
+        for k, v in scores.items()
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "results.csv"
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["checkpoint", "domain", "benchmark", "metric", "value"])
+            writer.writeheader()
+            writer.writerows(rows)
+        tracker.log_artifact(path)
+    tracker.log_dict({"settings": result.settings, "provenance": result.provenance, "backend": result.backend},
+                     "eval_settings.json")
+
+
+def _eval_tags(result, suite: str) -> dict:
+    samples_only = any(p != "full" for p in result.provenance.values())
+    return {
+        "arena.eval_key": result.settings_key(),
+        "arena.suite": suite,
+        "arena.data_provenance": json.dumps(result.provenance, sort_keys=True),
+        "arena.samples_only": str(samples_only).lower(),
+        "arena.generation_backend": result.backend,
+    }
+
+
+def run_evaluate(cfg: EvalConfig, tracker) -> dict:
+    from peft_arena.evaluation import resolve_suite
+    from peft_arena.evaluation.scores import arena_scores
+
+    benchmarks = resolve_suite(cfg.suite)  # an unknown benchmark fails before any model loads
+    target = _target(cfg)
+    lineage, resolved = target["lineage"], target["resolved"]
+    base = _base_for(cfg, lineage)
+    name = cfg.run_name or (
+        run_name("evaluate", lineage.get("arena.train"), lineage.get("arena.method"),
+                 lineage.get("arena.method_label"), lineage.get("arena.domain"), lineage.get("arena.base_model"))
+        if not target["is_base"] else f"eval-base-{lineage['arena.base_model']}"
+    )
+    tags = {**lineage, "arena.model_uri": cfg.model_uri, "arena.is_base": str(target["is_base"]).lower(),
+            "mlflow.runName": name}
+    if resolved is not None:
+        tags.update({k: v for k, v in {
+            "arena.source_run": resolved.source_run, "arena.registered_model": resolved.registered_model,
+            "arena.model_version": resolved.version, "arena.model_alias": resolved.alias,
+            "arena.model_id": resolved.model_id}.items() if v})
+    tracker.set_tags(tags)
+    tracker.log_params({f"cfg.{k}": v for k, v in vars(cfg).items() if k != "run_name"})
+
+    result = _evaluate(target["path"], benchmarks, cfg)
+    tracker.set_tags(_eval_tags(result, cfg.suite))
+
+    base_metrics = None
+    if target["is_base"]:
+        base_metrics = None
+    elif base is not None:
+        base_short, base_source = base
+        cached = find_base_evaluation(base_short, result.settings_key())
+        if cached is None:
+            print(f"[peft-arena] evaluating the base model {base_short} with the same settings (cached for reuse)",
+                  file=sys.stderr)
+            with side_run("evaluate", f"eval-base-{base_short}",
+                          {"arena.base_model": base_short, "arena.base_source": base_source,
+                           "arena.model_uri": base_short, "arena.is_base": "true"}) as base_tracker:
+                base_result = _evaluate(base_source, benchmarks, cfg)
+                if base_result.settings_key() != result.settings_key():
+                    raise RuntimeError("the base model's evaluation settings differ from the model's; "
+                                       "scores would not be comparable")
+                base_tracker.set_tags(_eval_tags(base_result, cfg.suite))
+                _log_result(base_tracker, base_result, base_short, None,
+                            arena_scores(base_result.metrics, None, benchmarks))
+                cached = (base_tracker.run_id, base_result.metrics)
+        base_run_id, base_metrics = cached
+        tracker.set_tags({"arena.base_eval_run": base_run_id})
+
+    scores = arena_scores(result.metrics, base_metrics, benchmarks)
+    _log_result(tracker, result, name, resolved.model_id if resolved else None, scores)
+    if resolved is not None and resolved.registered_model:
+        from peft_arena.tracking.registry import record_scores
+
+        record_scores(resolved.registered_model, resolved.version, scores, tracker.run_id, result.settings_key())
+    if target["path"] != (resolved.local_path if resolved else target["path"]):
+        shutil.rmtree(target["path"], ignore_errors=True)  # the temporary merged copy of an adapter
+    if any(p != "full" for p in result.provenance.values()):
+        print("[peft-arena] note: some benchmarks ran on bundled samples or subsets (arena.data_provenance); "
+              "these numbers are smoke checks, not benchmark scores", file=sys.stderr)
+    return {"scores": scores, "metrics": result.metrics, "model_path": target["path"],
+            "version": resolved.version if resolved else None}
