@@ -4,6 +4,14 @@ Adding a method: write its module (build function + ``register(MethodSpec(...))`
 """
 
 from peft_arena.methods import adalora, full, ia3, keeplora, lora, miss, oft, svd_init, vera  # noqa: F401  (registers)
-from peft_arena.methods.registry import METHODS, BuildContext, MergeError, MethodError, MethodSpec, get_method
+from peft_arena.methods.registry import (
+    METHODS,
+    BuildContext,
+    MergeError,
+    MethodError,
+    MethodSpec,
+    describe_methods,
+    get_method,
+)
 
-__all__ = ["METHODS", "BuildContext", "MergeError", "MethodError", "MethodSpec", "get_method"]
+__all__ = ["METHODS", "BuildContext", "MergeError", "MethodError", "MethodSpec", "describe_methods", "get_method"]

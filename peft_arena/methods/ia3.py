@@ -10,6 +10,8 @@ here it is a causal-LM adapter.
 
 from __future__ import annotations
 
+import torch
+
 from peft_arena.methods.common import DEFAULT_TARGETS, PEFT_GRPO_LR, PEFT_SFT_LR, TARGETS_HELP, parse_targets, wrap
 from peft_arena.methods.registry import BuildContext, MethodError, MethodSpec, register
 
@@ -18,6 +20,12 @@ def build_ia3(model, options: dict, ctx: BuildContext):
     from peft import IA3Config, TaskType
 
     targets = parse_targets(options["target_modules"])
+    if targets == "all-linear":
+        # peft 0.21.2 turns "all-linear" into full module paths for IA3, and the saved config then fails its own
+        # "feedforward_modules ⊆ target_modules" check on load; leaf names select the same layers and round-trip.
+        head = model.get_output_embeddings()
+        targets = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                          if isinstance(module, torch.nn.Linear) and module is not head})
     feedforward = parse_targets(options["feedforward_modules"])
     if isinstance(feedforward, str):
         raise MethodError("ia3: feedforward_modules must name modules (e.g. down_proj), not all-linear")

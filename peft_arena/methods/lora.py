@@ -52,7 +52,7 @@ def build_loraplus(model, options: dict, ctx: BuildContext):
     return wrap(model, lora_config({k: v for k, v in options.items() if k != "lr_ratio"}))
 
 
-def loraplus_optimizer(model, options: dict, *, lr: float, weight_decay: float = 0.0,
+def loraplus_optimizer(model, options: dict, lr: float, weight_decay: float = 0.0,
                        betas: tuple[float, float] = (0.9, 0.999)):
     """AdamW with B (and DoRA magnitudes) at lr·lr_ratio, through peft's own LoRA+ grouping.
 

@@ -10,11 +10,10 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from peft_arena.methods.registry import BuildContext, MergeError, MethodError, get_method
+from peft_arena.methods.registry import BuildContext, MergeError, MethodError, MethodSpec, get_method
 
 ARENA_FILE = "arena_method.json"
 
@@ -26,7 +25,7 @@ def build(model, method: str, overrides: dict[str, Any] | None = None, ctx: Buil
     return spec.build(model, options, ctx or BuildContext()), options
 
 
-def count_trainable(model) -> tuple[int, int]:
+def count_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameters; a tied embedding counts once. Buffers (VeRA's shared projections) don't count."""
     trainable = total = 0
     for param in model.parameters():  # parameters() yields each tensor once, so tied weights count once
@@ -36,28 +35,14 @@ def count_trainable(model) -> tuple[int, int]:
     return trainable, total
 
 
-@dataclass
-class ParamCount:
-    method: str
-    label: str
-    options: dict
-    base_model: str
-    trainable: int  # parameters the optimizer updates
-    total: int  # all parameters of the adapted model (base + adapter)
-    base_total: int  # parameters of the base alone
-    embedding: int  # input embedding + LM head (once if tied): the part the paper leaves out of full FT's count
+def count_params(base: str, method: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Parameter counts of ``method`` on ``base`` (short name, folder or hub id), built on the meta device from the
+    base's config alone: no weights are read or allocated, so a 7B model counts in about a second.
 
-    @property
-    def trainable_pct(self) -> float:
-        return 100.0 * self.trainable / self.base_total
-
-    def as_dict(self) -> dict:
-        return {**asdict(self), "trainable_pct": self.trainable_pct}
-
-
-def count_params(base: str, method: str, overrides: dict[str, Any] | None = None) -> ParamCount:
-    """Trainable and total parameters of ``method`` on ``base`` (short name, folder or hub id), built on the meta
-    device from the base's config alone: no weights are read or allocated, so 7B models count in about a second."""
+    Keys: method, label, options, base, trainable (what the optimizer updates), total (base + adapter),
+    base_total, embedding (input embedding + LM head, once if tied: the part the paper's full-FT count leaves
+    out), trainable_pct (of base_total).
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -68,13 +53,14 @@ def count_params(base: str, method: str, overrides: dict[str, Any] | None = None
     config = base_config(base)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-        base_total = count_trainable(model)[1]
+        base_total = count_parameters(model)[1]
         embedding = _embedding_params(model)
         # total_steps only feeds AdaLoRA's schedule checks; any value large enough for the default ratios does.
         trained = spec.build(model, options, BuildContext(structure_only=True, total_steps=1000))
-    trainable, total = count_trainable(trained)
-    return ParamCount(method=method, label=spec.label(options), options=options, base_model=base,
-                      trainable=trainable, total=total, base_total=base_total, embedding=embedding)
+    trainable, total = count_parameters(trained)
+    return {"method": method, "label": spec.label(options), "options": options, "base": base,
+            "trainable": trainable, "total": total, "base_total": base_total, "embedding": embedding,
+            "trainable_pct": 100.0 * trainable / base_total}
 
 
 def _embedding_params(model) -> int:
@@ -83,31 +69,34 @@ def _embedding_params(model) -> int:
     return sum(p.numel() for p in tensors.values())
 
 
-def save_trained(model, out_dir: str | Path, *, method: str, options: dict, base_model: str, base_source: str,
-                 tokenizer=None) -> Path:
-    """Write the trained-artifact folder; returns it.
+def save_trained(model, method: str | MethodSpec, options: dict, out_dir: str | Path, *, base_model: str,
+                 base_source: str, tokenizer=None) -> Path:
+    """Write the trained-artifact folder of ``model`` (as trained by ``method`` with ``options``); returns it.
 
     PiSSA/MiLoRA rewrote the base weights in memory; their adapter is converted by peft to a rank-2r LoRA on the
     original base (``path_initial_model_for_weight_conversion``), so the folder loads on the untouched base.
     """
     from peft import PeftModel
 
-    spec = get_method(method)
+    spec = method if isinstance(method, MethodSpec) else get_method(method)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if method == "full":
+    if spec.name == "full":
         if isinstance(model, PeftModel):
             raise MethodError("method 'full' was given a PEFT model; save it under its adapter method")
         model.save_pretrained(out)
     elif not isinstance(model, PeftModel):
-        raise MethodError(f"method {method!r} trains an adapter, but the model to save carries none")
-    elif hasattr(model, "_arena_initial_adapter"):
+        raise MethodError(f"method {spec.name!r} trains an adapter, but the model to save carries none")
+    elif spec.rewrites_base:
+        if not hasattr(model, "_arena_initial_adapter"):
+            raise MethodError(f"{spec.name}: the model lost its initial-adapter copy (was it re-wrapped after "
+                              "build?); without it the adapter only fits the residual base, so nothing was saved")
         _save_converted(model, out)
     else:
         model.save_pretrained(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
-    record = {"method": method, "options": options, "base_model": base_model, "base_source": base_source,
+    record = {"method": spec.name, "options": options, "base_model": base_model, "base_source": base_source,
               "label": spec.label(options)}
     (out / ARENA_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return out

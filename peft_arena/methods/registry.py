@@ -50,12 +50,15 @@ class MethodSpec:
     mergeable: bool = True
     needs_calibration: bool = False
     choices: dict[str, list] = field(default_factory=dict)  # allowed values for enumerated options
-    # make_optimizer(model, options, lr=, weight_decay=, betas=) -> torch optimizer, for methods whose optimizer
+    # make_optimizer(model, options, lr, weight_decay, betas) -> torch optimizer, for methods whose optimizer
     # is part of the method (LoRA+: B gets a larger learning rate); None means the trainer's default AdamW.
     make_optimizer: Callable[..., Any] | None = None
     # callbacks(model, options, ctx) -> list of transformers TrainerCallback the method needs during training
     # (AdaLoRA's rank reallocation); None means none.
     callbacks: Callable[..., list] | None = None
+    # the build rewrites base weights (PiSSA, MiLoRA: W_res = W − s·B₀·A₀); the saved adapter is then converted
+    # to one that loads on the original base, and saving without the initial adapter copy is an error.
+    rewrites_base: bool = False
 
     def resolve(self, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
         """Defaults updated by overrides, with types coerced to the default's type; unknown keys raise."""
@@ -89,6 +92,17 @@ def get_method(name: str) -> MethodSpec:
         raise MethodError(
             f"unknown method {name!r}; available: {', '.join(sorted(METHODS))} (see `peft-arena methods`)"
         ) from None
+
+
+def describe_methods() -> list[dict[str, Any]]:
+    """One row per method for ``peft-arena methods``: name, family, summary, defaults, help, learning rates."""
+    return [
+        {"name": s.name, "family": s.family, "summary": s.summary, "defaults": dict(s.defaults),
+         "option_help": dict(s.option_help), "choices": dict(s.choices), "sft_lr": s.sft_lr, "grpo_lr": s.grpo_lr,
+         "mergeable": s.mergeable, "needs_calibration": s.needs_calibration,
+         "custom_optimizer": s.make_optimizer is not None, "has_callbacks": s.callbacks is not None}
+        for s in sorted(METHODS.values(), key=lambda spec: spec.name)
+    ]
 
 
 def _coerce(method: str, key: str, value: Any, default: Any) -> Any:

@@ -76,12 +76,12 @@ register(MethodSpec(
     summary="PiSSA: LoRA initialised with the top-r singular triplets of W, residual base (Meng et al. 2024)",
     defaults={**LORA_DEFAULTS, "svd_niter": 0},
     option_help={**LORA_HELP, "svd_niter": "0: exact SVD; N>0: peft's fast randomised SVD with N subspace iterations"},
-    sft_lr=PEFT_SFT_LR, grpo_lr=PEFT_GRPO_LR, build=build_pissa, label=lora_label,
+    sft_lr=PEFT_SFT_LR, grpo_lr=PEFT_GRPO_LR, build=build_pissa, label=lora_label, rewrites_base=True,
 ))
 
 register(MethodSpec(
     name="milora", family="lora",
     summary="MiLoRA: LoRA initialised with the r smallest singular triplets of W, residual base (Wang et al. 2024)",
     defaults=dict(LORA_DEFAULTS), option_help=dict(LORA_HELP),
-    sft_lr=PEFT_SFT_LR, grpo_lr=PEFT_GRPO_LR, build=build_milora, label=lora_label,
+    sft_lr=PEFT_SFT_LR, grpo_lr=PEFT_GRPO_LR, build=build_milora, label=lora_label, rewrites_base=True,
 ))
