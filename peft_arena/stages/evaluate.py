@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 import sys
 import tempfile
 from pathlib import Path
 
 from peft_arena.config import EvalConfig
-from peft_arena.models import KNOWN_BASES, resolve_base
+from peft_arena.models import resolve_base
+from peft_arena.stages.lineage import lineage_of
 from peft_arena.tracking.naming import run_name
-from peft_arena.tracking.runs import find_base_evaluation, run_tags, side_run
+from peft_arena.tracking.runs import find_base_evaluation, side_run
 
-LINEAGE_TAGS = ("arena.method", "arena.method_label", "arena.train", "arena.domain", "arena.base_model",
-                "arena.base_source")
 
 
 def _merged_folder(trained_dir: str, base_source: str | None) -> str:
@@ -35,26 +33,6 @@ def _merged_folder(trained_dir: str, base_source: str | None) -> str:
     load_tokenizer(trained_dir if (Path(trained_dir) / "tokenizer_config.json").exists()
                    else record["base_source"]).save_pretrained(out)
     return str(out)
-
-
-def _target(cfg: EvalConfig) -> dict:
-    """What to evaluate: local folder, lineage tags, registry version; base short names are bases."""
-    if cfg.model_uri in KNOWN_BASES:
-        base = resolve_base(cfg.model_uri)
-        return {"path": base.source, "is_base": True, "lineage": {"arena.base_model": base.short,
-                                                                  "arena.base_source": base.source},
-                "resolved": None}
-    from peft_arena.tracking.registry import resolve_model_uri
-
-    resolved = resolve_model_uri(cfg.model_uri)
-    lineage = {k: v for k, v in resolved.tags.items() if k in LINEAGE_TAGS}
-    if resolved.source_run:
-        source_tags = run_tags(resolved.source_run)
-        lineage = {**{k: v for k, v in source_tags.items() if k in LINEAGE_TAGS}, **lineage}
-    path = resolved.local_path
-    if (Path(path) / "arena_method.json").exists():
-        path = _merged_folder(path, lineage.get("arena.base_source"))
-    return {"path": path, "is_base": False, "lineage": lineage, "resolved": resolved}
 
 
 def _base_for(cfg: EvalConfig, lineage: dict) -> tuple[str, str] | None:
@@ -121,15 +99,19 @@ def run_evaluate(cfg: EvalConfig, tracker) -> dict:
     from peft_arena.evaluation.scores import arena_scores
 
     benchmarks = resolve_suite(cfg.suite)  # an unknown benchmark fails before any model loads
-    target = _target(cfg)
-    lineage, resolved = target["lineage"], target["resolved"]
+    target = lineage_of(cfg.model_uri)
+    lineage, resolved = target.lineage, target.resolved
+    if target.kind == "adapter":  # every backend (vLLM included) loads one merged folder
+        merged = _merged_folder(target.path, lineage.get("arena.base_source"))
+        target.temporary.append(merged)
+        target.path = merged
     base = _base_for(cfg, lineage)
     name = cfg.run_name or (
         run_name("evaluate", lineage.get("arena.train"), lineage.get("arena.method"),
                  lineage.get("arena.method_label"), lineage.get("arena.domain"), lineage.get("arena.base_model"))
-        if not target["is_base"] else f"eval-base-{lineage['arena.base_model']}"
+        if target.kind != "base" else f"eval-base-{lineage['arena.base_model']}"
     )
-    tags = {**lineage, "arena.model_uri": cfg.model_uri, "arena.is_base": str(target["is_base"]).lower(),
+    tags = {**lineage, "arena.model_uri": cfg.model_uri, "arena.is_base": str(target.kind == "base").lower(),
             "mlflow.runName": name}
     if resolved is not None:
         tags.update({k: v for k, v in {
@@ -139,13 +121,14 @@ def run_evaluate(cfg: EvalConfig, tracker) -> dict:
     tracker.set_tags(tags)
     tracker.log_params({f"cfg.{k}": v for k, v in vars(cfg).items() if k != "run_name"})
 
-    result = _evaluate(target["path"], benchmarks, cfg)
+    try:
+        result = _evaluate(target.path, benchmarks, cfg)
+    finally:
+        target.cleanup()
     tracker.set_tags(_eval_tags(result, cfg.suite))
 
     base_metrics = None
-    if target["is_base"]:
-        base_metrics = None
-    elif base is not None:
+    if target.kind != "base" and base is not None:
         base_short, base_source = base
         cached = find_base_evaluation(base_short, result.settings_key())
         if cached is None:
@@ -171,10 +154,8 @@ def run_evaluate(cfg: EvalConfig, tracker) -> dict:
         from peft_arena.tracking.registry import record_scores
 
         record_scores(resolved.registered_model, resolved.version, scores, tracker.run_id, result.settings_key())
-    if target["path"] != (resolved.local_path if resolved else target["path"]):
-        shutil.rmtree(target["path"], ignore_errors=True)  # the temporary merged copy of an adapter
     if any(p != "full" for p in result.provenance.values()):
         print("[peft-arena] note: some benchmarks ran on bundled samples or subsets (arena.data_provenance); "
               "these numbers are smoke checks, not benchmark scores", file=sys.stderr)
-    return {"scores": scores, "metrics": result.metrics, "model_path": target["path"],
+    return {"scores": scores, "metrics": result.metrics, "model_kind": target.kind,
             "version": resolved.version if resolved else None}

@@ -1,0 +1,142 @@
+"""The promote stage: merge a trained adapter into its base, register the merged model, move ``candidate``.
+
+With ``alias=champion`` it instead applies ``registry/policy.yaml`` to an already evaluated version
+(``model_uri=models:/NAME/N``): ``champion`` moves only when every gate passes.
+
+A merge failure is raised, never papered over (the paper's merge tool saved the unmerged base when merging
+failed, which then got evaluated as if it were the finetuned model).
+"""
+
+from __future__ import annotations
+
+import gc
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from peft_arena.config import PromoteConfig
+from peft_arena.tracking import registry as reg
+from peft_arena.tracking import search
+from peft_arena.tracking.naming import run_name
+
+# A fixed probe for the merge-fidelity number: logits of the adapter model vs the merged model on it.
+_PROBE = "Question: what is 12 times 7? Answer:"
+
+
+def run_promote(cfg: PromoteConfig, tracker) -> dict:
+    """Run the stage in the promote run ``tracker`` logs to; returns ``{"name", "version", "model_uri", …}``."""
+    if cfg.alias == reg.CHAMPION:
+        return _promote_champion(cfg, tracker)
+    if cfg.alias != reg.CANDIDATE:
+        raise ValueError(f"promote sets alias 'candidate' (merge + register) or 'champion' (policy); got {cfg.alias!r}")
+    if not cfg.source_run:
+        raise ValueError("promote needs source_run=<training run id or runs:/ID/adapter>")
+    return _promote_candidate(cfg, tracker)
+
+
+def _promote_candidate(cfg: PromoteConfig, tracker) -> dict:
+    from peft_arena.methods import ops
+
+    run_id, artifact_path = search.parse_run_ref(cfg.source_run)
+    source = search.get_run(run_id)
+    stage = source.tags.get("arena.stage", "")
+    if stage not in search.TRAIN_STAGES:
+        raise ValueError(f"run {run_id} is a {stage or 'untagged'} run, not a training run; pass the run that trained "
+                         "the adapter")
+    t = source.tags
+    domain = cfg.domain or t.get("arena.domain")
+    base_short = t.get("arena.base_model")
+    name = reg.registered_name(base_short, domain)
+    lineage = {"arena.source_run": run_id, "arena.method": t.get("arena.method"), "arena.train": t.get("arena.train"),
+               "arena.domain": domain, "arena.base_model": base_short, "arena.method_label": t.get("arena.method_label")}
+    tracker.set_tags({"arena.stage": "promote", **{k: v for k, v in lineage.items() if v}, "arena.registered_model": name,
+                      "mlflow.runName": cfg.run_name or run_name("promote", t.get("arena.train"), t.get("arena.method"),
+                                                                t.get("arena.method_label"), domain, base_short)})
+    tracker.log_params({"source_run": run_id, "merge_dtype": cfg.merge_dtype, "alias": cfg.alias})
+
+    work = Path(tempfile.mkdtemp(prefix="arena-promote-"))
+    try:
+        adapter = search.download_run_artifacts(run_id, artifact_path or "adapter", work / "download")
+        record = ops.read_arena_method(adapter)
+        base_source = _base_source(record, t)
+        tracker.set_tags({"arena.base_source": base_source})
+        started = time.perf_counter()
+        model = ops.load_trained(base_source, adapter, dtype=cfg.merge_dtype)
+        tokenizer = _tokenizer(adapter, base_source)
+        before = _probe_logits(model, tokenizer)
+        merged = ops.merge(model)  # MergeError propagates: the run ends FAILED with the reason
+        fidelity = (before - _probe_logits(merged, tokenizer)).abs().max().item()
+        merged_dir = work / "merged"
+        merged.save_pretrained(merged_dir)
+        tokenizer.save_pretrained(merged_dir)
+        merge_seconds = time.perf_counter() - started
+        del model, merged
+        gc.collect()
+        tracker.log_metrics({"promote/merge_seconds": merge_seconds, "promote/merge_max_abs_logit_diff": fidelity,
+                             "promote/merged_size_mb": _size_mb(merged_dir)})
+        version = reg.register_merged_model(merged_dir, name, lineage, tracker.run_id, dtype=cfg.merge_dtype,
+                                            alias=reg.CANDIDATE,
+                                            reason=f"newest promoted model (training run {run_id}, promote run "
+                                                   f"{tracker.run_id})")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    uri = f"models:/{name}/{version.version}"
+    tracker.set_tags({"arena.model_version": str(version.version), "arena.model_uri": uri})
+    return {"name": name, "version": str(version.version), "model_uri": uri, "alias": reg.CANDIDATE,
+            "merge_max_abs_logit_diff": fidelity}
+
+
+def _promote_champion(cfg: PromoteConfig, tracker) -> dict:
+    if not cfg.model_uri:
+        raise ValueError("alias=champion applies the policy to an evaluated version: pass model_uri=models:/NAME/N")
+    version = reg.lookup_version(cfg.model_uri)
+    t = version.tags
+    tracker.set_tags({"arena.stage": "promote", "arena.registered_model": version.name,
+                      "arena.model_version": str(version.version), "arena.model_uri": cfg.model_uri,
+                      **{k: t[k] for k in ("arena.source_run", "arena.method", "arena.train", "arena.domain",
+                                           "arena.base_model") if t.get(k)},
+                      "mlflow.runName": cfg.run_name or run_name("promote", t.get("arena.train"), t.get("arena.method"),
+                                                                t.get("arena.method_label"), t.get("arena.domain"),
+                                                                t.get("arena.base_model")) + "-champion"})
+    decision = reg.apply_policy(version.name, version.version, cfg.policy,
+                                actor=f"{reg.default_actor()} (promote run {tracker.run_id})")
+    tracker.set_tags({"arena.policy_decision": "promote" if decision.promote else "keep"})
+    tracker.log_dict({"promote": decision.promote, "reasons": decision.reasons, "gates": decision.gates,
+                      "policy": cfg.policy, "model": f"models:/{version.name}/{version.version}"},
+                     "policy_decision.json")
+    return {"name": version.name, "version": str(version.version),
+            "model_uri": f"models:/{version.name}/{version.version}", "alias": reg.CHAMPION,
+            "promoted": decision.promote, "reasons": decision.reasons}
+
+
+def _base_source(record: dict, tags: dict) -> str:
+    """Where to load the base from: the recorded source if it is reachable here, else the base's short name
+    resolved on this machine (the same model: known short names rebuild their cache, hub ids download)."""
+    from peft_arena.models import resolve_base
+
+    recorded = record.get("base_source") or tags.get("arena.base_source") or ""
+    if recorded and (Path(recorded).exists() or not recorded.startswith(("/", ".", "~"))):
+        return recorded
+    short = record.get("base_model") or tags.get("arena.base_model")
+    if not short:
+        raise ValueError(f"the base {recorded!r} is not on this machine and the run records no base short name")
+    return resolve_base(short).source
+
+
+def _tokenizer(adapter: Path, base_source: str):
+    from peft_arena.models import load_tokenizer
+
+    return load_tokenizer(str(adapter) if (adapter / "tokenizer_config.json").exists() else base_source)
+
+
+def _probe_logits(model, tokenizer):
+    import torch
+
+    batch = tokenizer(_PROBE, return_tensors="pt").to(model.device)
+    with torch.no_grad():
+        return model(**batch).logits.float().cpu()
+
+
+def _size_mb(folder: Path) -> float:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**20
