@@ -85,7 +85,7 @@ def train_sft(cfg: SFTConfig, tracker, output_dir: str | Path) -> dict:
         train="sft", total_steps=total_steps, seed=cfg.seed,
     )
     model = spec.build(model, options, ctx)
-    trainable, total = ops.count_trainable(model)
+    trainable, total = ops.count_parameters(model)
     tracker.log_metrics({"arena/trainable_params": trainable, "arena/total_params": total,
                          "arena/train_examples": len(records)})
     tracker.log_params({"resolved_lr": lr, "total_steps": total_steps, "method_label": spec.label(options),
@@ -127,8 +127,8 @@ def train_sft(cfg: SFTConfig, tracker, output_dir: str | Path) -> dict:
     result = trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
-    adapter_dir = ops.save_trained(trainer.model, out / "adapter", method=cfg.adapter, options=options,
-                                   base_model=base.short, base_source=base.source, tokenizer=tokenizer)
+    adapter_dir = ops.save_trained(trainer.model, spec, options, out / "adapter", base_model=base.short,
+                                   base_source=base.source, tokenizer=tokenizer)
     tracker.log_artifacts(adapter_dir, "adapter")
     summary = {
         "train/first_loss": losses[0] if losses else float("nan"),
