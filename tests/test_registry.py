@@ -112,8 +112,8 @@ def store(tmp_path_factory):
         with mlflow.start_run(experiment_id=exp) as run:
             tags = {"arena.method": "lora", "arena.train": "sft", "arena.domain": "math",
                     "arena.base_model": "tiny", "arena.source_run": run.info.run_id}
-            mv = reg.register_merged_model(folder, NAME, tags, run.info.run_id)
-            reg.move_alias(NAME, "candidate", mv.version, "newest promoted", actor="tester")
+            mv = reg.register_merged_model(folder, NAME, tags, run.info.run_id, alias="candidate",
+                                           reason="newest promoted", actor="tester")
             versions[str(mv.version)] = (folder, run.info.run_id)
     yield {"root": root, "experiment": exp, "versions": versions, "key": key}
     mp.undo()

@@ -161,6 +161,22 @@ def _resolved_version(client, mv, uri: str, alias: str | None) -> ResolvedModel:
                          source_run=mv.tags.get("arena.source_run"), model_id=model_id, tags=dict(mv.tags), uri=uri)
 
 
+def lookup_version(uri: str):
+    """The ``ModelVersion`` that ``models:/NAME/N`` or ``models:/NAME@ALIAS`` names, without downloading it."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client()
+    if m := _MODELS_ALIAS.match(uri):
+        _require_registered_model(client, m["name"])
+        try:
+            return client.get_model_version_by_alias(m["name"], m["alias"])
+        except MlflowException:
+            raise RegistryError(f"registered model {m['name']!r} has no alias {m['alias']!r}") from None
+    if m := _MODELS_VERSION.match(uri):
+        return _require_version(client, m["name"], m["version"])
+    raise RegistryError(f"{uri!r} names no registry version: use models:/NAME/N or models:/NAME@ALIAS")
+
+
 def _model_id_of(mv) -> str | None:
     # The OSS SQL registry does not persist ModelVersion.model_id; the source "models:/m-…" carries it.
     if getattr(mv, "model_id", None):
@@ -224,13 +240,14 @@ def _mkdir(path: Path) -> Path:
 
 
 def register_merged_model(merged_dir: str | Path, name: str, tags: dict[str, Any], tracker_run_id: str, *,
-                          dtype: str = "float32"):
+                          dtype: str = "float32", alias: str | None = None, reason: str = "", actor: str | None = None):
     """Log a merged HF folder (weights + tokenizer) as model ``model`` of the promote run and register it.
 
     The version gets ``tags`` (arena.method, arena.train, arena.domain, arena.base_model, arena.source_run);
-    the LoggedModel gets them too, so ``search_logged_models`` can filter. On any failure the version, the
-    registered model (if this call created it) and the LoggedModel are deleted, then the error is raised.
-    Returns the ``ModelVersion``.
+    the LoggedModel gets them too, so ``search_logged_models`` can filter. With ``alias`` the alias is moved to
+    the new version (:func:`move_alias`, recorded with ``reason``) as part of the same all-or-nothing step.
+    On any failure the version, the registered model (if this call created it) and the LoggedModel are deleted
+    and the alias is pointed back at its previous holder, then the error is raised. Returns the ``ModelVersion``.
     """
     import mlflow
     import mlflow.transformers
@@ -243,7 +260,7 @@ def register_merged_model(merged_dir: str | Path, name: str, tags: dict[str, Any
         raise RegistryError(f"{merged_dir} is not a HF model folder (no config.json)")
     client = _client()
     clean_tags = {k: str(v) for k, v in tags.items() if v not in (None, "")}
-    created_model, logged_id, version = False, None, None
+    created_model, logged_id, version, previous = False, None, None, None
     try:
         try:
             client.get_registered_model(name)
@@ -269,9 +286,14 @@ def register_merged_model(merged_dir: str | Path, name: str, tags: dict[str, Any
         version = mlflow.register_model(f"models:/{logged_id}", name, tags=clean_tags)
         if version.status != "READY":
             raise RegistryError(f"version {version.version} of {name!r} ended {version.status}: {version.status_message}")
+        if alias:
+            previous = _alias_holder(client, name, alias)
+            move_alias(name, alias, version.version, reason or "registered by promote", None, actor)
         return client.get_model_version(name, version.version)
     except BaseException:
         _undo_registration(client, name, version, created_model, logged_id)
+        if alias and previous is not None:
+            client.set_registered_model_alias(name, alias, previous.version)
         raise
 
 
