@@ -279,7 +279,7 @@ def analyze(
         info = read_artifact(finetuned_path)
         base_dir = _local_base_folder(base_source)
         base = WeightFolder(base_dir)
-        names = select_matrices(base.keys(), layers, modules)
+        names = [nm for nm in select_matrices(base.keys(), layers, modules) if len(base.shape(nm)) == 2]
         factors: dict[str, MatrixDelta] = {}
         ft_state: dict[str, torch.Tensor] | None = None
         ft_folder: WeightFolder | None = None
