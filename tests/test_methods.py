@@ -186,10 +186,18 @@ def test_keeplora_zero_b_starts_at_the_base_and_needs_a_batch(tiny):
         build(load_model(str(ensure_tiny())), "keeplora", calibration_batch=None)
 
 
-def test_adalora_callback_prunes_ranks(tiny):
+def active_ranks(model) -> int:
+    return sum(int((m.lora_E["default"] != 0).sum()) for m in model.modules() if hasattr(m, "lora_E"))
+
+
+def adalora_layers(model) -> int:
+    return sum(1 for m in model.modules() if hasattr(m, "lora_E"))
+
+
+def test_adalora_callback_regularises_and_prunes_ranks(tiny):
     model, options = build(tiny, "adalora", {"delta_t": 1}, total_steps=10)
-    callbacks = get_method("adalora").callbacks(model, options, BuildContext(total_steps=10))
-    assert len(callbacks) == 1
+    assert model.peft_config["default"].orth_reg_weight == 0.0  # the callback owns the regulariser
+    (callback,) = get_method("adalora").callbacks(model, options, BuildContext(total_steps=10))
     batch = make_batch()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
@@ -197,17 +205,34 @@ def test_adalora_callback_prunes_ranks(tiny):
     class State:
         global_step = 0
 
+    # on_step_begin adds the gradient of w·mean(‖A·Aᵀ − I‖_F, ‖Bᵀ·B − I‖_F) over all adapted layers
+    a_b = [(n, p) for n, p in model.named_parameters() if ".lora_A." in n or ".lora_B." in n]
+    leaves = [p.detach().clone().requires_grad_(True) for _, p in a_b]
+    penalty = torch.stack([torch.linalg.matrix_norm((p @ p.T if ".lora_A." in n else p.T @ p) - torch.eye(
+        p.shape[0] if ".lora_A." in n else p.shape[1])) for (n, _), p in zip(a_b, leaves)]).mean()
+    (options["orth_reg_weight"] * penalty).backward()
+    callback.on_step_begin(None, State, None)
+    for (_, param), leaf in zip(a_b, leaves):
+        torch.testing.assert_close(param.grad, leaf.grad)
+    opt.zero_grad()
+
     for step in range(10):
+        State.global_step = step
+        callback.on_step_begin(None, State, None)
         model(**batch).loss.backward()
         opt.step()
-        State.global_step = step
-        callbacks[0].on_optimizer_step(None, State, None)
+        callback.on_optimizer_step(None, State, None)
         opt.zero_grad()
-    kept = sum(int((m.lora_E["default"] != 0).sum()) for m in model.modules() if hasattr(m, "lora_E"))
-    layers = sum(1 for m in model.modules() if hasattr(m, "lora_E"))
-    assert kept == options["r"] * layers  # pruned from init_r=12 to an average of r=8 per layer
+    assert active_ranks(model) == options["r"] * adalora_layers(model)  # pruned from init_r=12 to r=8 on average
 
-    assert get_method("adalora").callbacks(model, {**options, "reallocate": False}, BuildContext()) == []
+    fixed, fixed_options = build(load_model(str(ensure_tiny())), "adalora", {"reallocate": False}, total_steps=10)
+    (callback,) = get_method("adalora").callbacks(fixed, fixed_options, BuildContext(total_steps=10))
+    train_steps(fixed, batch, steps=3)
+    for step in range(10):
+        State.global_step = step
+        callback.on_optimizer_step(None, State, None)
+    assert active_ranks(fixed) == fixed_options["init_r"] * adalora_layers(fixed)  # the paper's code: no pruning
+
     with pytest.raises(MethodError, match="no budget steps"):
         build(load_model(str(ensure_tiny())), "adalora", {"tinit_ratio": 0.5, "tfinal_ratio": 0.5}, total_steps=10)
 

@@ -3,13 +3,17 @@
 Every layer starts at ``init_r`` triplets; after ``tinit`` warm-up steps the budget is pruned, every
 ``delta_t`` steps, by importance scores down to an average of ``r`` per layer, and held fixed for the last
 ``tfinal`` steps. peft does the pruning in ``update_and_allocate``, which must run after each optimizer step
-while the gradients still exist: ``adalora_callbacks`` gives the Trainer callback that does it.
+while the gradients still exist; the orthogonality regulariser w·(‖PᵀP − I‖ + ‖QQᵀ − I‖) keeps P and Q
+near-orthogonal. ``adalora_callbacks`` gives the Trainer callback that does both (a training loop without a
+Trainer calls the same two pieces: ``orthogonality_penalty`` in the loss, ``update_and_allocate`` after the step).
 
 The paper's trainer never called ``update_and_allocate`` (so it trained a fixed rank-12 SVD-shaped adapter);
 ``reallocate=false`` reproduces that. Its "r8" row has 1.5× LoRA-r8's parameters: peft's init_r=12.
 """
 
 from __future__ import annotations
+
+import torch
 
 from peft_arena.methods.common import (
     DEFAULT_TARGETS,
@@ -43,23 +47,43 @@ def build_adalora(model, options: dict, ctx: BuildContext):
         tinit=tinit,
         tfinal=tfinal,
         deltaT=options["delta_t"],
-        orth_reg_weight=options["orth_reg_weight"],
+        # peft adds the regulariser to ``outputs.loss``, which TRL's SFT and GRPO trainers never use (they compute
+        # the loss from log-probs). The arena's callback owns it instead, so it applies once whatever the trainer.
+        orth_reg_weight=0.0,
     )
     return wrap(model, config)
 
 
 def adalora_callbacks(model, options: dict, ctx: BuildContext) -> list:
-    """[a TrainerCallback that calls peft's ``update_and_allocate`` after every optimizer step], or [] when
-    ``reallocate`` is off. The gradients still exist at ``on_optimizer_step``: the Trainer zeroes them after."""
-    if not options["reallocate"]:
-        return []
+    """The TrainerCallback that runs AdaLoRA's training-time parts: the orthogonality regulariser and, with
+    ``reallocate``, the rank budget."""
     from transformers import TrainerCallback  # here, so that listing methods does not import transformers
 
-    class AdaLoraReallocation(TrainerCallback):
-        def on_optimizer_step(self, args, state, control, **kwargs):
-            model.base_model.update_and_allocate(state.global_step)
+    weight = options["orth_reg_weight"]
 
-    return [AdaLoraReallocation()]
+    class AdaLoraTraining(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            # The gradients are zero here, before the step's micro-batches: adding ∇(w·R) now equals training
+            # on loss + w·R once per optimizer step, clipped together with the task gradient.
+            if weight > 0 and model.training:
+                (weight * orthogonality_penalty(model)).backward()
+
+        def on_optimizer_step(self, args, state, control, **kwargs):
+            # After optimizer.step() and before zero_grad(): the importance scores need the gradients.
+            if options["reallocate"]:
+                model.base_model.update_and_allocate(state.global_step)
+
+    return [AdaLoraTraining()]
+
+
+def orthogonality_penalty(model):
+    """Mean over P and Q matrices of ‖PᵀP − I‖_F / ‖QQᵀ − I‖_F: peft's AdaLoRA regulariser."""
+    terms = []
+    for name, param in model.named_parameters():
+        if param.requires_grad and (".lora_A." in name or ".lora_B." in name):
+            cov = param @ param.T if ".lora_A." in name else param.T @ param
+            terms.append(torch.linalg.matrix_norm(cov - torch.eye(cov.shape[0], device=cov.device, dtype=cov.dtype)))
+    return torch.stack(terms).mean()
 
 
 register(MethodSpec(
