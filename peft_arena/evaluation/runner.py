@@ -47,7 +47,7 @@ class SuiteResult:
     @property
     def is_sample(self) -> bool:
         """True when any benchmark ran on a bundled sample: such numbers are never benchmark scores."""
-        return any(p == "sample" for p in self.provenance.values())
+        return any(p.startswith("sample") for p in self.provenance.values())
 
     def scores(self, base_metrics: dict[str, float] | None = None) -> dict[str, float]:
         return arena_scores(self.metrics, base_metrics, self.benchmarks)
