@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,13 +175,12 @@ def download_run_artifacts(run_id: str, artifact_path: str, dst: str | Path) -> 
         raise SearchError(f"run {run_id} has no artifact {artifact_path!r} ({exc})") from None
 
 
-def download_latest_artifacts(df, artifact_path: str, key: str = "tags.arena.source_run") -> dict[str, Path]:
-    """For each distinct ``key`` of a search_runs frame (newest first), download the newest run's artifact folder.
-
-    Returns ``{key value: local folder}`` in a fresh temporary directory; runs without the artifact are skipped.
-    """
+def download_latest_artifacts(df, artifact_path: str, dst: str | Path,
+                              key: str = "tags.arena.source_run") -> dict[str, Path]:
+    """For each distinct ``key`` of a search_runs frame (newest first), download the newest run's artifact folder
+    under ``dst``. Returns ``{key value: local folder}``; runs that did not log the artifact are skipped."""
     out: dict[str, Path] = {}
-    root = Path(tempfile.mkdtemp(prefix="arena-artifacts-"))
+    root = Path(dst)
     for _, row in df.iterrows():
         value = row.get(key)
         if not isinstance(value, str) or value in out:

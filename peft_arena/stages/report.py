@@ -1,0 +1,124 @@
+"""The report stage: leaderboard, Pareto plot, family summaries and the spectral method grid, from search_runs.
+
+Writes into ``output_dir`` and logs into the report run (artifacts tab): ``leaderboard.csv``, ``leaderboard.md``,
+``leaderboard.json`` (MLflow table view), ``family_summary.csv``, ``family_summary.md``, ``pareto.png`` and, when
+spectral runs exist for the ranked models, ``spectral_method_grid.png``. The leaderboard is printed to stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+from peft_arena import analysis
+from peft_arena.config import ReportConfig
+from peft_arena.tracking import search
+from peft_arena.tracking.naming import run_name
+
+
+def run_report(cfg: ReportConfig, tracker) -> dict:
+    filters = {"domain": cfg.domain or None, "base": cfg.base_model or None, "train": cfg.train or None,
+               "method": cfg.method or None}
+    experiments = [e.strip() for e in cfg.experiments.split(",") if e.strip()] or None
+    tracker.set_tags({"arena.stage": "report", **{f"arena.report.{k}": v for k, v in filters.items() if v},
+                      **({"arena.domain": cfg.domain} if cfg.domain else {}),
+                      **({"arena.base_model": cfg.base_model} if cfg.base_model else {}),
+                      "mlflow.runName": cfg.run_name or run_name("report", cfg.train or None, cfg.method or None,
+                                                                None, cfg.domain or None, cfg.base_model or None)})
+    tracker.log_params({"experiments": cfg.experiments or "all", **{f"filter_{k}": v or "any"
+                                                                   for k, v in filters.items()}})
+    board = analysis.leaderboard(experiments, **filters)
+    bases = analysis.base_points(experiments, domain=filters["domain"], base=filters["base"])
+    if not len(board) and not len(bases):
+        where = ", ".join(f"{k}={v}" for k, v in filters.items() if v) or "no filters"
+        raise ValueError(f"no finished evaluate runs match ({where}) in experiments {experiments or 'all'}; "
+                         "run `peft-arena evaluate` first")
+    families = analysis.family_summary(board)
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    shown = [c for c in analysis.MARKDOWN_COLUMNS if c in board.columns and board[c].notna().any()]
+    board_md = analysis.to_markdown(board, shown)
+    base_md = analysis.to_markdown(bases, ["base", "domain", "target", "general", "eval_key"]) if len(bases) else ""
+    families_md = analysis.to_markdown(families)
+    board.to_csv(out / "leaderboard.csv", index=False)
+    families.to_csv(out / "family_summary.csv", index=False)
+    (out / "leaderboard.md").write_text(
+        "# Leaderboard\n\nTarget and general are averages in % (0-100); gain and forgetting are percentage "
+        "points against the base model evaluated with the same settings.\n\n" + board_md +
+        ("\n## Base models\n\n" + base_md if base_md else ""))
+    (out / "family_summary.md").write_text("# Method families\n\n" + families_md)
+    for name in ("leaderboard.csv", "leaderboard.md", "family_summary.csv", "family_summary.md"):
+        tracker.log_artifact(out / name)
+    tracker.log_table(board.astype(object).where(board.notna(), None), "leaderboard.json")
+
+    import matplotlib.pyplot as plt
+
+    fig = analysis.plot_pareto(board, bases)
+    fig.savefig(out / "pareto.png", dpi=150)
+    tracker.log_figure(fig, "pareto.png")
+    plt.close(fig)
+    grid = _spectral_grid(board, experiments, out)
+    if grid:
+        tracker.log_artifact(grid)
+
+    front = board[board["on_front"].fillna(False)] if len(board) else board
+    tracker.log_metrics({"report/models": float(len(board)), "report/on_front": float(len(front)),
+                         "report/base_points": float(len(bases))})
+    print(board_md if len(board) else "(no trained models evaluated yet)")
+    if base_md:
+        print("base models:\n" + base_md)
+    return {"models": len(board), "on_front": front["model_uri"].dropna().tolist() if len(front) else [],
+            "output_dir": str(out.resolve()), "spectral_grid": str(grid) if grid else None}
+
+
+def _spectral_grid(board, experiments, out: Path) -> Path | None:
+    """The spectral method grid across the ranked models whose training runs have a spectral run."""
+    import matplotlib.pyplot as plt
+
+    if not len(board) or board["source_run"].isna().all():
+        return None
+    runs = search.arena_runs("spectral", experiments)
+    if not len(runs):
+        return None
+    runs = runs[runs.get("tags.arena.source_run").isin(board["source_run"].dropna())] \
+        if "tags.arena.source_run" in runs else runs.iloc[0:0]
+    if not len(runs):
+        return None
+    with tempfile.TemporaryDirectory(prefix="arena-report-spectral-") as tmp:
+        folders = search.download_latest_artifacts(runs, "spectral", tmp)
+        labelled = []
+        for _, row in board.iterrows():
+            folder = folders.get(row["source_run"])
+            if folder is not None and (folder / "profiles" / "index.json").exists():
+                labelled.append((analysis.model_name(row), str(folder)))
+        layer = _common_layer([f for _, f in labelled])
+        if layer is None:
+            return None
+        from peft_arena.spectral.plots import plot_method_grid
+
+        fig = plot_method_grid(labelled, layer)
+    path = out / "spectral_method_grid.png"
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+def _common_layer(folders: list[str]) -> str | None:
+    """A matrix every run analysed: the paper's choice (mlp.down_proj of a middle layer) when available."""
+    if not folders:
+        return None
+    names = None
+    layers: dict[str, int] = {}
+    for folder in folders:
+        entries = json.loads((Path(folder) / "profiles" / "index.json").read_text())["matrices"]
+        layers.update({e["name"]: int(e.get("layer") or 0) for e in entries})
+        these = {e["name"] for e in entries}
+        names = these if names is None else names & these
+    if not names:
+        return None
+    down = sorted((n for n in names if "mlp.down_proj" in n), key=lambda n: layers[n])
+    if down:
+        return down[len(down) // 2]
+    return sorted(names)[0]

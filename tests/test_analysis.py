@@ -1,0 +1,176 @@
+"""Leaderboard, base points, Pareto front/plot, family summary and the report stage on synthetic runs in sqlite."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from peft_arena import analysis
+
+EXPERIMENT = "arena-analysis-test"
+
+
+def _run(client, exp, t, tags, metrics=None, status="FINISHED", name=None):
+    run = client.create_run(exp, start_time=t, tags=tags, run_name=name)
+    for key, value in (metrics or {}).items():
+        client.log_metric(run.info.run_id, key, value, timestamp=t)
+    client.set_terminated(run.info.run_id, status, end_time=t + 1)
+    return run.info.run_id
+
+
+def _train(client, exp, t, method, label, train, domain, trainable, total=100_000):
+    return _run(client, exp, t, {"arena.stage": f"train_{train}", "arena.method": method,
+                                 "arena.method_label": label, "arena.train": train, "arena.domain": domain,
+                                 "arena.base_model": "tiny"},
+                {"arena/trainable_params": trainable, "arena/total_params": total})
+
+
+def _eval(client, exp, t, source, method, train, domain, target, general, base_target=20.0, base_general=50.0,
+          status="FINISHED", eval_key="k1", uri=None):
+    delta = general - base_general
+    return _run(client, exp, t, {"arena.stage": "evaluate", "arena.source_run": source, "arena.method": method,
+                                 "arena.train": train, "arena.domain": domain, "arena.base_model": "tiny",
+                                 "arena.eval_key": eval_key, "arena.model_uri": uri or f"runs:/{source}/adapter"},
+                {"score/target_avg": target, "score/general_avg": general, "score/target_gain_pp": target - base_target,
+                 "score/general_delta_pp": delta, "score/forget_pp": max(0.0, -delta)}, status=status)
+
+
+@pytest.fixture(scope="module")
+def arena(tmp_path_factory):
+    import mlflow
+
+    root = tmp_path_factory.mktemp("analysis-store")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
+    mp.chdir(root)
+    mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
+    client = mlflow.MlflowClient()
+    exp = client.create_experiment(EXPERIMENT, artifact_location=(root / "artifacts").as_uri())
+    other = client.create_experiment("elsewhere", artifact_location=(root / "artifacts2").as_uri())
+    t = 1_700_000_000_000
+    runs = {
+        "lora": _train(client, exp, t, "lora", "r8", "sft", "math", 1_000),
+        "oft": _train(client, exp, t + 1, "oft", "b32", "sft", "math", 2_000),
+        "vera": _train(client, exp, t + 2, "vera", "256", "grpo", "math", 500),
+        "full": _train(client, exp, t + 3, "full", "full", "sft", "math", 100_000),
+        "med": _train(client, exp, t + 4, "lora", "r8", "sft", "med", 1_000),
+    }
+    _run(client, exp, t + 10, {"arena.stage": "evaluate", "arena.is_base": "true", "arena.domain": "math",
+                               "arena.base_model": "tiny", "arena.eval_key": "k1", "arena.model_uri": "tiny"},
+         {"score/target_avg": 20.0, "score/general_avg": 50.0})
+    _eval(client, exp, t + 20, runs["lora"], "lora", "sft", "math", 10.0, 45.0)  # older evaluation: superseded
+    _eval(client, exp, t + 30, runs["lora"], "lora", "sft", "math", 30.0, 49.0, uri="models:/tiny-math/1")
+    _eval(client, exp, t + 31, runs["oft"], "oft", "sft", "math", 28.0, 50.5)
+    _eval(client, exp, t + 32, runs["vera"], "vera", "grpo", "math", 25.0, 48.0)
+    _eval(client, exp, t + 33, runs["full"], "full", "sft", "math", 35.0, 40.0)
+    _eval(client, exp, t + 34, runs["full"], "full", "sft", "math", 99.0, 99.0, status="FAILED")  # ignored
+    _eval(client, exp, t + 35, runs["med"], "lora", "sft", "med", 40.0, 50.0, base_target=35.0)
+    _eval(client, other, t + 36, runs["lora"], "lora", "sft", "math", 1.0, 1.0)  # other experiment
+    _run(client, exp, t + 40, {"arena.stage": "spectral", "arena.source_run": runs["lora"]},
+         {"spectral/all/eff_rank": 3.5, "spectral/all/intruders": 2.0, "spectral/mlp.down_proj/eff_rank": 4.0})
+    yield {"root": root, "runs": runs, "exp": exp}
+    mp.undo()
+
+
+def test_leaderboard_joins_training_eval_and_spectral(arena):
+    df = analysis.leaderboard([EXPERIMENT], domain="math")
+    assert list(df["method"]) == ["full", "lora", "oft", "vera"]  # best target first
+    lora = df.set_index("method").loc["lora"]
+    assert (lora["target"], lora["general"], lora["gain_pp"], lora["forget_pp"]) == (30.0, 49.0, 10.0, 1.0)
+    assert lora["label"] == "r8" and lora["family"] == "lora" and lora["train"] == "sft"
+    assert lora["trainable_params"] == 1_000 and lora["trainable_pct"] == pytest.approx(1.0)
+    assert lora["spectral_eff_rank"] == 3.5 and lora["spectral_intruders"] == 2.0
+    assert lora["model_uri"] == "models:/tiny-math/1" and lora["source_run"] == arena["runs"]["lora"]
+    assert math.isnan(df.set_index("method").loc["oft", "spectral_eff_rank"])
+    assert dict(zip(df["method"], df["on_front"])) == {"full": True, "lora": True, "oft": True, "vera": False}
+    assert list(df.columns) == analysis.LEADERBOARD_COLUMNS
+
+
+def test_leaderboard_filters(arena):
+    assert list(analysis.leaderboard(EXPERIMENT, train="grpo")["method"]) == ["vera"]
+    assert list(analysis.leaderboard(EXPERIMENT, method="oft")["label"]) == ["b32"]
+    med = analysis.leaderboard(EXPERIMENT, domain="med")
+    assert len(med) == 1 and med.loc[0, "gain_pp"] == 5.0
+    assert len(analysis.leaderboard(EXPERIMENT, base="qwen2.5-7b")) == 0
+    everywhere = analysis.leaderboard(domain="math")  # all experiments: the other experiment's eval is newer
+    assert everywhere.set_index("method").loc["lora", "target"] == 1.0
+    from peft_arena.tracking.search import SearchError
+
+    with pytest.raises(SearchError, match="no experiment named nope"):
+        analysis.leaderboard("nope")
+
+
+def test_base_points(arena):
+    base = analysis.base_points(EXPERIMENT)
+    assert base[["base", "domain", "target", "general", "eval_key"]].values.tolist() == [["tiny", "math", 20.0, 50.0,
+                                                                                          "k1"]]
+
+
+def test_pareto_front_maximises_both_and_keeps_ties():
+    df = pd.DataFrame({"general": [1, 2, 3, 2, 3, None], "target": [3, 2, 1, 1, 1, 9]})
+    front = analysis.pareto_front(df)
+    assert list(front.index) == [0, 1, 2, 4]  # (2,1) is dominated by (2,2) and (3,1); the NaN row is left out
+
+
+def test_family_summary(arena):
+    df = analysis.leaderboard(EXPERIMENT, domain="math")
+    fam = analysis.family_summary(df).set_index("family")
+    assert fam.loc["lora", "models"] == 1 and fam.loc["lora", "best"] == "sft-lora-r8"
+    assert fam.loc["full", "best"] == "sft-full"
+    assert fam.loc["full", "best_target"] == 35.0 and fam.loc["vera", "on_front"] == 0
+    assert fam.loc["oft", "median_trainable_params"] == 2_000
+
+
+def test_plot_pareto_marks_base_and_front(arena):
+    import matplotlib.pyplot as plt
+
+    df = analysis.leaderboard(EXPERIMENT)
+    fig = analysis.plot_pareto(df, analysis.base_points(EXPERIMENT))
+    titles = sorted(ax.get_title() for ax in fig.axes)
+    assert titles == ["math · tiny", "med · tiny"]
+    math_ax = next(ax for ax in fig.axes if ax.get_title() == "math · tiny")
+    labels = math_ax.get_legend_handles_labels()[1]
+    assert "Pareto front" in labels and "base model" in labels
+    front_line = next(line for line in math_ax.get_lines() if line.get_label() == "Pareto front")
+    assert list(front_line.get_xdata()) == [40.0, 49.0, 50.5]
+    plt.close(fig)
+
+
+def test_to_markdown():
+    df = pd.DataFrame({"method": ["lora"], "trainable_params": pd.array([12345], dtype="Int64"), "target": [30.456],
+                       "on_front": [True], "note": [None]})
+    assert analysis.to_markdown(df) == ("| method | trainable_params | target | on_front | note |\n"
+                                        "|---|---:|---:|---|---|\n"
+                                        "| lora | 12,345 | 30.46 | yes |  |\n")
+
+
+def test_report_stage_writes_and_logs_everything(arena, tmp_path, capsys):
+    from peft_arena.config import ReportConfig
+    from peft_arena.stages.report import run_report
+    from peft_arena.tracking.tracker import MemoryTracker
+
+    tracker = MemoryTracker()
+    out = run_report(ReportConfig(experiments=EXPERIMENT, domain="math", output_dir=str(tmp_path / "r")), tracker)
+    assert out["models"] == 4 and sorted(out["on_front"]) == sorted(
+        ["models:/tiny-math/1", f"runs:/{arena['runs']['oft']}/adapter", f"runs:/{arena['runs']['full']}/adapter"])
+    for name in ("leaderboard.csv", "leaderboard.md", "family_summary.csv", "family_summary.md", "pareto.png"):
+        assert (tmp_path / "r" / name).exists()
+        assert name in tracker.artifacts
+    csv = pd.read_csv(tmp_path / "r" / "leaderboard.csv")
+    assert csv.loc[csv["method"] == "oft", "target"].item() == 28.0
+    assert "leaderboard.json" in tracker.artifacts
+    assert tracker.tags["arena.stage"] == "report" and tracker.tags["mlflow.runName"] == "report-math"
+    assert tracker.last("report/on_front") == 3.0
+    printed = capsys.readouterr().out
+    assert "| full |" in printed and "base models" in printed
+
+
+def test_report_without_evaluations_says_what_to_do(arena, tmp_path):
+    from peft_arena.config import ReportConfig
+    from peft_arena.stages.report import run_report
+    from peft_arena.tracking.tracker import MemoryTracker
+
+    with pytest.raises(ValueError, match="run `peft-arena evaluate` first"):
+        run_report(ReportConfig(experiments=EXPERIMENT, domain="law", output_dir=str(tmp_path)), MemoryTracker())
