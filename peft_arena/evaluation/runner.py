@@ -241,7 +241,7 @@ def log_suite_result(tracker, result: SuiteResult, checkpoint: str, base_metrics
     Metrics go per benchmark with ``dataset=<benchmark>`` (linked to ``model_id`` when given); each benchmark's
     per-sample table goes to ``samples/<bench>.json``; ``results/paper_results.csv`` has the paper's shape;
     ``results/settings.json`` holds the settings and provenance. Benchmarks that ran on a bundled sample are
-    tagged ``arena.eval.sample=true`` (such numbers are not benchmark scores).
+    tagged ``arena.samples_only=true`` (such numbers are not benchmark scores).
     """
     for bench, values in result.per_benchmark.items():
         spec = get_benchmark(bench)
@@ -254,8 +254,10 @@ def log_suite_result(tracker, result: SuiteResult, checkpoint: str, base_metrics
     tracker.log_dict({"settings": result.settings, "settings_key": result.settings_key(),
                       "provenance": result.provenance, "sources": result.sources, "backend": result.backend,
                       "seconds": result.seconds}, "results/settings.json")
-    tracker.set_tags({"arena.eval.settings_key": result.settings_key(),
-                      "arena.eval.sample": str(result.is_sample).lower(),
-                      "arena.eval.suite": ",".join(result.benchmarks)})
+    tracker.set_tags({"arena.eval_key": result.settings_key(),
+                      "arena.samples_only": str(result.is_sample).lower(),
+                      "arena.suite": ",".join(result.benchmarks),
+                      "arena.data_provenance": json.dumps(result.provenance, sort_keys=True),
+                      "arena.generation_backend": result.backend})
     tracker.log_params({f"eval.provenance.{b}": p for b, p in result.provenance.items()})
     return scores

@@ -7,8 +7,6 @@ with other settings.
 
 from __future__ import annotations
 
-import csv
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -57,46 +55,9 @@ def _evaluate(path: str, benchmarks, cfg: EvalConfig):
     )
 
 
-def _log_result(tracker, result, checkpoint: str, model_id: str | None, scores: dict) -> None:
-    """Per-benchmark metrics linked to the benchmark (dataset) and the model, tables, the paper-shaped CSV."""
-    by_bench: dict[str, dict[str, float]] = {}
-    for key, value in result.metrics.items():
-        by_bench.setdefault(key.split("/")[1], {})[key] = value
-    for bench, metrics in by_bench.items():
-        tracker.log_metrics(metrics, dataset=bench, model_id=model_id)
-    if scores:
-        tracker.log_metrics(scores, model_id=model_id)
-    for bench, table in result.samples.items():
-        tracker.log_table(table, f"samples/{bench}.json")
-    rows = result.paper_rows(checkpoint) + [
-        {"checkpoint": checkpoint, "domain": "arena", "benchmark": "AVG", "metric": k, "value": v}
-        for k, v in scores.items()
-    ]
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "results.csv"
-        with path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["checkpoint", "domain", "benchmark", "metric", "value"])
-            writer.writeheader()
-            writer.writerows(rows)
-        tracker.log_artifact(path)
-    tracker.log_dict({"settings": result.settings, "provenance": result.provenance, "backend": result.backend},
-                     "eval_settings.json")
-
-
-def _eval_tags(result, suite: str) -> dict:
-    samples_only = any(p != "full" for p in result.provenance.values())
-    return {
-        "arena.eval_key": result.settings_key(),
-        "arena.suite": suite,
-        "arena.data_provenance": json.dumps(result.provenance, sort_keys=True),
-        "arena.samples_only": str(samples_only).lower(),
-        "arena.generation_backend": result.backend,
-    }
-
-
 def run_evaluate(cfg: EvalConfig, tracker) -> dict:
     from peft_arena.evaluation import resolve_suite
-    from peft_arena.evaluation.scores import arena_scores
+    from peft_arena.evaluation.runner import log_suite_result
 
     benchmarks = resolve_suite(cfg.suite)  # an unknown benchmark fails before any model loads
     target = lineage_of(cfg.model_uri)
@@ -125,7 +86,6 @@ def run_evaluate(cfg: EvalConfig, tracker) -> dict:
         result = _evaluate(target.path, benchmarks, cfg)
     finally:
         target.cleanup()
-    tracker.set_tags(_eval_tags(result, cfg.suite))
 
     base_metrics = None
     if target.kind != "base" and base is not None:
@@ -141,20 +101,17 @@ def run_evaluate(cfg: EvalConfig, tracker) -> dict:
                 if base_result.settings_key() != result.settings_key():
                     raise RuntimeError("the base model's evaluation settings differ from the model's; "
                                        "scores would not be comparable")
-                base_tracker.set_tags(_eval_tags(base_result, cfg.suite))
-                _log_result(base_tracker, base_result, base_short, None,
-                            arena_scores(base_result.metrics, None, benchmarks))
+                log_suite_result(base_tracker, base_result, base_short)
                 cached = (base_tracker.run_id, base_result.metrics)
         base_run_id, base_metrics = cached
         tracker.set_tags({"arena.base_eval_run": base_run_id})
 
-    scores = arena_scores(result.metrics, base_metrics, benchmarks)
-    _log_result(tracker, result, name, resolved.model_id if resolved else None, scores)
+    scores = log_suite_result(tracker, result, name, base_metrics, resolved.model_id if resolved else None)
     if resolved is not None and resolved.registered_model:
         from peft_arena.tracking.registry import record_scores
 
         record_scores(resolved.registered_model, resolved.version, scores, tracker.run_id, result.settings_key())
-    if any(p != "full" for p in result.provenance.values()):
+    if result.is_sample:
         print("[peft-arena] note: some benchmarks ran on bundled samples or subsets (arena.data_provenance); "
               "these numbers are smoke checks, not benchmark scores", file=sys.stderr)
     return {"scores": scores, "metrics": result.metrics, "model_kind": target.kind,
