@@ -73,6 +73,7 @@ def test_options_coerce_and_reject():
     spec = get_method("oft")
     assert spec.resolve({"block_size": "16", "coft": "true"})["block_size"] == 16
     assert spec.resolve({"coft": "true"})["coft"] is True
+    assert spec.resolve({"target_modules": ["q_proj", "v_proj"]})["target_modules"] == "q_proj,v_proj"
     with pytest.raises(MethodError, match="takes no option 'rank'"):
         spec.resolve({"rank": 8})
     with pytest.raises(MethodError, match="not one of"):
@@ -265,3 +266,9 @@ def test_merge_refuses_what_cannot_merge(tiny):
 def test_load_trained_needs_an_arena_artifact(tmp_path):
     with pytest.raises(MethodError, match="arena_method.json"):
         ops.load_trained(None, tmp_path)
+
+
+def test_target_modules_list_restricts_the_adapter(tiny):
+    model, _ = build(tiny, "lora", {"target_modules": "q_proj,v_proj"})
+    # per layer: q 8·(64+64) + v 8·(64+32) (2 KV heads of 16), two layers
+    assert ops.count_parameters(model)[0] == 2 * (8 * 128 + 8 * 96)

@@ -108,6 +108,8 @@ def describe_methods() -> list[dict[str, Any]]:
 def _coerce(method: str, key: str, value: Any, default: Any) -> Any:
     if default is None or (type(value) is type(default)):
         return value
+    if isinstance(default, str) and isinstance(value, (list, tuple)):  # a YAML list for a comma-list option
+        return ",".join(str(v).strip() for v in value)
     try:
         if isinstance(default, bool):
             if isinstance(value, str) and value.lower() in {"true", "false", "1", "0", "yes", "no"}:
