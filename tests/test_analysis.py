@@ -174,3 +174,36 @@ def test_report_without_evaluations_says_what_to_do(arena, tmp_path):
 
     with pytest.raises(ValueError, match="run `peft-arena evaluate` first"):
         run_report(ReportConfig(experiments=EXPERIMENT, domain="law", output_dir=str(tmp_path)), MemoryTracker())
+
+
+def test_report_draws_the_spectral_method_grid_from_spectral_runs(arena, tmp_path):
+    """A real spectral analysis of a tiny LoRA, logged as the lora model's spectral run, feeds the method grid."""
+    import mlflow
+    import torch
+
+    from peft_arena.config import ReportConfig
+    from peft_arena.methods import ops
+    from peft_arena.models import ensure_tiny, load_model
+    from peft_arena.spectral.analysis import analyze
+    from peft_arena.stages.report import run_report
+    from peft_arena.tracking.tracker import MemoryTracker
+
+    tiny = ensure_tiny()
+    model, options = ops.build(load_model(str(tiny)), "lora")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    adapter = ops.save_trained(model, "lora", options, tmp_path / "adapter", base_model="tiny", base_source=str(tiny))
+    summary = analyze(str(tiny), str(adapter), out_dir=str(tmp_path / "spectral"), cache_dir=str(tmp_path / "svd"),
+                      device="cpu", progress=False)
+    with mlflow.start_run(experiment_id=arena["exp"]) as run:
+        mlflow.set_tags({"arena.stage": "spectral", "arena.source_run": arena["runs"]["lora"]})
+        mlflow.log_metrics(summary["metrics"])
+        mlflow.log_artifacts(str(tmp_path / "spectral"), "spectral")
+    tracker = MemoryTracker()
+    out = run_report(ReportConfig(experiments=EXPERIMENT, domain="math", output_dir=str(tmp_path / "r")), tracker)
+    assert out["spectral_grid"] and (tmp_path / "r" / "spectral_method_grid.png").stat().st_size > 10_000
+    assert "spectral_method_grid.png" in tracker.artifacts
+    board = analysis.leaderboard(EXPERIMENT, domain="math").set_index("method")
+    assert board.loc["lora", "spectral_eff_rank"] == pytest.approx(summary["metrics"]["spectral/all/eff_rank"])
