@@ -54,7 +54,7 @@ class MethodSpec:
     # is part of the method (LoRA+: B gets a larger learning rate); None means the trainer's default AdamW.
     make_optimizer: Callable[..., Any] | None = None
     # callbacks(model, options, ctx) -> list of transformers TrainerCallback the method needs during training
-    # (AdaLoRA's rank reallocation); None means none.
+    # (AdaLoRA's orthogonality regulariser and rank reallocation); None means none.
     callbacks: Callable[..., list] | None = None
     # the build rewrites base weights (PiSSA, MiLoRA: W_res = W − s·B₀·A₀); the saved adapter is then converted
     # to one that loads on the original base, and saving without the initial adapter copy is an error.
