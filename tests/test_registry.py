@@ -257,3 +257,19 @@ def test_nothing_half_registered_on_failure(store, monkeypatch):
 
 def test_decision_summary():
     assert Decision(True, ["a", "b"]).summary() == "promote: a; b"
+
+
+def test_resolve_a_version_registered_from_a_run_folder(store):
+    """Versions registered by hand from runs:/ID/folder (no LoggedModel) resolve to that HF folder."""
+    import mlflow
+
+    folder, _ = store["versions"]["1"]
+    with mlflow.start_run(experiment_id=store["experiment"]) as run:
+        mlflow.log_artifacts(str(folder), "hf")
+    client = mlflow.MlflowClient()
+    client.create_registered_model("plain-math")
+    client.create_model_version("plain-math", f"{run.info.artifact_uri}/hf", run_id=run.info.run_id)
+    resolved = reg.resolve_model_uri("models:/plain-math/1")
+    assert resolved.version == "1" and resolved.model_id is None
+    assert (Path(resolved.local_path) / "config.json").exists()
+    assert _norm_weight(resolved.local_path).allclose(_norm_weight(folder))

@@ -155,8 +155,9 @@ def _resolved_version(client, mv, uri: str, alias: str | None) -> ResolvedModel:
     else:  # versions registered from runs:/ sources (not by promote) carry no LoggedModel
         import mlflow
 
+        # name/version are not unique across stores, so this layout is rebuilt each time instead of cached
         local = _hf_layout(Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source)),
-                           _download_cache() / f"{mv.name}-v{mv.version}")
+                           Path(tempfile.mkdtemp(prefix=f"arena-{mv.name}-v{mv.version}-")))
     return ResolvedModel(str(local), registered_model=mv.name, version=str(mv.version), alias=alias,
                          source_run=mv.tags.get("arena.source_run"), model_id=model_id, tags=dict(mv.tags), uri=uri)
 
@@ -201,8 +202,9 @@ def _hf_folder(client, logged) -> Path:
     import mlflow
 
     ready = _download_cache() / logged.model_id
-    if (ready / "hf" / "config.json").exists():
+    if (ready / "hf" / "config.json").exists():  # exists() follows the links: False when the store moved
         return ready / "hf"
+    shutil.rmtree(ready / "hf", ignore_errors=True)
     location = logged.artifact_location
     parsed = urlparse(location)
     if parsed.scheme in ("", "file") and Path(parsed.path).is_dir():
@@ -336,7 +338,7 @@ def _pip_pins() -> list[str]:
 
 
 def default_actor() -> str:
-    """Who moved an alias: ``user@host``, plus the MLflow run when one is active."""
+    """Who moved an alias: ``user@host`` (stages append the run that did it)."""
     try:
         user = getpass.getuser()
     except (KeyError, OSError):
