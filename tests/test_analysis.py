@@ -71,6 +71,7 @@ def arena(tmp_path_factory):
     _run(client, exp, t + 40, {"arena.stage": "spectral", "arena.source_run": runs["lora"]},
          {"spectral/all/eff_rank": 3.5, "spectral/all/intruders": 2.0, "spectral/mlp.down_proj/eff_rank": 4.0})
     yield {"root": root, "runs": runs, "exp": exp}
+    mlflow.set_tracking_uri(None)  # leave no global store behind for other test files
     mp.undo()
 
 

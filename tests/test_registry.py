@@ -116,6 +116,7 @@ def store(tmp_path_factory):
                                            reason="newest promoted", actor="tester")
             versions[str(mv.version)] = (folder, run.info.run_id)
     yield {"root": root, "experiment": exp, "versions": versions, "key": key}
+    mlflow.set_tracking_uri(None)  # leave no global store behind for other test files
     mp.undo()
 
 

@@ -27,6 +27,7 @@ def store(tmp_path_factory):
     mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
     exp = mlflow.create_experiment("promote-test", artifact_location=(root / "artifacts").as_uri())
     yield {"root": root, "experiment": exp, "tiny": tiny}
+    mlflow.set_tracking_uri(None)  # leave no global store behind for other test files
     mp.undo()
 
 

@@ -158,6 +158,7 @@ def arena(server, tmp_path_factory):
         ids["tiny"] = str(tiny)
         yield ids
     finally:
+        mlflow.set_tracking_uri(None)  # leave no global store behind for other test files
         mp.undo()
 
 
@@ -201,10 +202,12 @@ def test_champion_downloads_over_http_and_is_the_merged_model(server, arena, tmp
 
     from peft_arena.tracking import registry as reg
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", server["url"])
     monkeypatch.setenv("PEFT_ARENA_CACHE", str(tmp_path / "cache"))
     mlflow.set_tracking_uri(server["url"])
-    resolved = reg.resolve_model_uri("models:/tiny-math@champion")
+    try:
+        resolved = reg.resolve_model_uri("models:/tiny-math@champion")
+    finally:
+        mlflow.set_tracking_uri(None)
     assert resolved.version == arena["version"] and resolved.alias == "champion"
     assert str(tmp_path / "cache") in resolved.local_path  # proxied artifacts: downloaded, not read in place
     weights = load_file(Path(resolved.local_path) / "model.safetensors")
