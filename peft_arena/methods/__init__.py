@@ -3,7 +3,7 @@
 Adding a method: write its module (build function + ``register(MethodSpec(...))``) and import it below.
 """
 
-from peft_arena.methods import adalora, full, ia3, keeplora, lora, miss, oft, svd_init, vera  # noqa: F401  (registers)
+from peft_arena.methods import adalora, boft, full, ia3, keeplora, lora, miss, oft, svd_init, vera  # noqa: F401  (registers)
 from peft_arena.methods.registry import (
     METHODS,
     BuildContext,

@@ -1,18 +1,26 @@
 """KeepLoRA: a LoRA whose update is kept out of the base weight's principal input subspace (Luo et al. 2026).
 
-peft has no KeepLoRA; this follows the PEFT-Arena implementation (``utils/keeplora.py``):
+peft has no KeepLoRA; this follows the PEFT-Arena implementation (``utils/keeplora.py``, reference §2.2):
 
 1. One forward/backward pass of the *base* model on a calibration batch (the first training micro-batch) gives
    the gradient G (out×in) of every adapted weight W.
 2. V_k: the top-k right singular vectors of W (k = ``principal_rank``, 0 means 4·r).
 3. The residual gradient G_res = G − G·V_k·V_kᵀ has no component along W's principal input directions.
-4. Its rank-r SVD G_res ≈ U_r·Σ_r·Q_rᵀ initialises B = U_r·Σ_r and A = Q_rᵀ.
-5. A is frozen, so every update ΔW = s·B·A has its rows in span(Q_r), orthogonal to V_k: the principal
+4. Its rank-r SVD G_res ≈ U_r·Σ_r·Q_rᵀ initialises B₀ = U_r·Σ_r and A₀ = Q_rᵀ.
+5. A is frozen, so every update ΔW = s·B·A₀ has its rows in span(Q_r), orthogonal to V_k: the principal
    subspace, where the general knowledge sits, is left alone.
 
-``b_init="gradient"`` is the paper's code: the model starts at W + s·U_r·Σ_r·Q_rᵀ, a small step along the
-(projected) gradient, not at W. ``b_init="zero"`` starts B at zero so the model starts exactly at W, with the
-same frozen subspace. The saved adapter is a plain LoRA; A's freezing matters only during training.
+``offset=true`` (default): the base is offset, W ← W − s·B₀·A₀, so the model at step 0 is exactly the base (up to
+the weight dtype's rounding) while B starts at the gradient init as in the paper. ``offset=false`` is the paper's
+code as it ran: the model starts at W + s·U_r·Σ_r·Q_rᵀ, a small step along the (projected) gradient.
+
+Saving: the in-memory adapter with ``offset=true`` fits the offset base only. Because A stays A₀, the trained model
+W − s·B₀·A₀ + s·B·A₀ = W + s·(B − B₀)·A₀ exactly, so the adapter is saved as the rank-r LoRA (B − B₀, A₀), which
+loads on the original base (no rank doubling as for PiSSA/MiLoRA, whose A trains). With ``offset=false`` the
+adapter is saved as trained. Either way the saved folder is a plain peft LoRA; A's freezing matters only in training.
+
+Caveat for trainers that obtain a reference model through ``disable_adapter()`` (as for PiSSA/MiLoRA): with
+``offset=true`` that gives the offset base W − s·B₀·A₀, not W.
 """
 
 from __future__ import annotations
@@ -39,14 +47,52 @@ def build_keeplora(model, options: dict, ctx: BuildContext):
             raise MethodError("keeplora initialises from a gradient: pass BuildContext(calibration_batch=…), "
                               "a tokenised training batch with input_ids, attention_mask and labels")
         gradients = residual_gradient_inits(peft_model, layers, ctx.calibration_batch, options)
+        initial_b = {}
         with torch.no_grad():
             for name, layer in layers:
                 lora_b, lora_a = gradients[name]
                 layer.lora_A["default"].weight.copy_(lora_a)
-                layer.lora_B["default"].weight.copy_(lora_b if options["b_init"] == "gradient" else 0.0)
+                layer.lora_B["default"].weight.copy_(lora_b)
+                if options["offset"]:
+                    weight = layer.get_base_layer().weight
+                    offset = layer.scaling["default"] * (lora_b.float() @ lora_a.float())
+                    weight.copy_((weight.float() - offset).to(weight.dtype))
+                    initial_b[name] = (layer.lora_B["default"].weight.detach().clone(),
+                                       layer.lora_A["default"].weight.detach().clone())
+        if options["offset"]:
+            peft_model._arena_keeplora_initial = initial_b  # for save_keeplora's exact conversion
     for _, layer in layers:
         layer.lora_A["default"].weight.requires_grad_(False)
     return peft_model
+
+
+def save_keeplora(model, options: dict, out_dir) -> None:
+    """``save_pretrained`` of an adapter that loads on the original base: with ``offset`` the trained (B, A₀) on the
+    offset base is written as (B − B₀, A₀); B is restored afterwards, so training can go on."""
+    if not options["offset"]:
+        model.save_pretrained(out_dir)
+        return
+    initial = getattr(model, "_arena_keeplora_initial", None)
+    if initial is None:
+        raise MethodError("keeplora (offset=true): the model lost its initial B₀ (was it re-wrapped after build?); "
+                          "without it the adapter only fits the offset base, so nothing was saved")
+    layers = dict(lora_layers(model))
+    if set(layers) != set(initial):
+        raise MethodError("keeplora (offset=true): the adapted layers differ from those built; nothing was saved")
+    for name, (_, lora_a0) in initial.items():
+        if not torch.equal(layers[name].lora_A["default"].weight, lora_a0.to(layers[name].lora_A["default"].weight)):
+            raise MethodError(f"keeplora (offset=true): A of {name} changed during training (it must stay frozen "
+                              "for the exact (B − B₀, A₀) conversion); nothing was saved")
+    trained = {name: layer.lora_B["default"].weight.detach().clone() for name, layer in layers.items()}
+    try:
+        with torch.no_grad():
+            for name, layer in layers.items():
+                layer.lora_B["default"].weight.sub_(initial[name][0].to(trained[name]))
+        model.save_pretrained(out_dir)
+    finally:
+        with torch.no_grad():
+            for name, layer in layers.items():
+                layer.lora_B["default"].weight.copy_(trained[name])
 
 
 def residual_gradient_inits(peft_model, layers, batch: dict, options: dict) -> dict[str, tuple]:
@@ -113,11 +159,12 @@ register(MethodSpec(
     name="keeplora", family="lora",
     summary="KeepLoRA: LoRA with A frozen to the residual gradient's top-r directions, orthogonal to W's "
             "principal subspace (Luo et al. 2026)",
-    defaults={**LORA_DEFAULTS, "principal_rank": 0, "b_init": "gradient"},
+    defaults={**LORA_DEFAULTS, "principal_rank": 0, "offset": True},
     option_help={**LORA_HELP,
                  "principal_rank": "k, the number of W's top right singular vectors the update avoids (0: 4·r)",
-                 "b_init": "gradient: B = U_r·Σ_r as in the paper's code (model starts off W); zero: B = 0"},
-    choices={"b_init": ["gradient", "zero"]},
-    sft_lr=PEFT_SFT_LR, grpo_lr=PEFT_GRPO_LR, build=build_keeplora, label=lambda o: f"r{o['r']}",
-    needs_calibration=True,
+                 "offset": "true: B₀ = U_r·Σ_r, A₀ = Q_rᵀ and the base offset by −s·B₀·A₀, so step 0 is the base; "
+                           "false: the paper's code, no offset (step 0 is W + s·B₀·A₀)"},
+    sft_lr=PEFT_SFT_LR, grpo_lr=PEFT_GRPO_LR, build=build_keeplora,
+    label=lambda o: f"r{o['r']}" if o["offset"] else f"r{o['r']}nooffset",
+    needs_calibration=True, save_adapter=save_keeplora,
 ))

@@ -75,6 +75,7 @@ def save_trained(model, method: str | MethodSpec, options: dict, out_dir: str | 
 
     PiSSA/MiLoRA rewrote the base weights in memory; their adapter is converted by peft to a rank-2r LoRA on the
     original base (``path_initial_model_for_weight_conversion``), so the folder loads on the untouched base.
+    A method with its own ``save_adapter`` (KeepLoRA: (B − B₀, A₀) when the base was offset) writes the folder itself.
     """
     from peft import PeftModel
 
@@ -87,6 +88,8 @@ def save_trained(model, method: str | MethodSpec, options: dict, out_dir: str | 
         model.save_pretrained(out)
     elif not isinstance(model, PeftModel):
         raise MethodError(f"method {spec.name!r} trains an adapter, but the model to save carries none")
+    elif spec.save_adapter is not None:
+        spec.save_adapter(model, options, out)
     elif spec.rewrites_base:
         if not hasattr(model, "_arena_initial_adapter"):
             raise MethodError(f"{spec.name}: the model lost its initial-adapter copy (was it re-wrapped after "

@@ -59,6 +59,10 @@ class MethodSpec:
     # the build rewrites base weights (PiSSA, MiLoRA: W_res = W − s·B₀·A₀); the saved adapter is then converted
     # to one that loads on the original base, and saving without the initial adapter copy is an error.
     rewrites_base: bool = False
+    # save_adapter(model, options, out_dir) writes the adapter folder itself, for a method whose in-memory adapter
+    # needs its own exact conversion to apply to the original base (KeepLoRA with offset: (B − B₀, A₀));
+    # None means peft's save_pretrained (or the rewrites_base conversion above).
+    save_adapter: Callable[..., None] | None = None
 
     def resolve(self, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
         """Defaults updated by overrides, with types coerced to the default's type; unknown keys raise."""
