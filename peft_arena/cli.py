@@ -9,6 +9,7 @@ non-zero; a stage that fails ends its MLflow run FAILED with the reason in the `
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -147,7 +148,11 @@ def _cmd_stage(args, extra: list[str]) -> int:
     overrides.update(pairs_to_overrides(extra))
     # mlflow run passes every declared parameter; an empty string means "use the config default".
     overrides = {k: v for k, v in overrides.items() if v != ""}
-    result = run_stage(args.stage, args.config or None, overrides)
+    if args.json:  # stdout carries only the JSON; what the stage prints for people goes to stderr
+        with contextlib.redirect_stdout(sys.stderr):
+            result = run_stage(args.stage, args.config or None, overrides)
+    else:
+        result = run_stage(args.stage, args.config or None, overrides)
     if args.json:
         print(json.dumps(result, indent=2, default=str))
     else:

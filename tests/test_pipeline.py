@@ -93,7 +93,7 @@ def test_promotion_registered_a_version_with_alias_candidate(arena):
 
     client = mlflow.MlflowClient()
     version = client.get_model_version_by_alias("tiny-math", "candidate")
-    assert version.version == "1"
+    assert str(version.version) == "1"
     assert version.tags["arena.method"] == "lora" and version.tags["arena.train"] == "sft"
     assert version.tags["arena.source_run"] == arena["train"].info.run_id
     promote = _runs("promote")[0]

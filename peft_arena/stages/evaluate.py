@@ -108,9 +108,10 @@ def run_evaluate(cfg: EvalConfig, tracker) -> dict:
 
     scores = log_suite_result(tracker, result, name, base_metrics, resolved.model_id if resolved else None)
     if resolved is not None and resolved.registered_model:
-        from peft_arena.tracking.registry import record_scores
+        from peft_arena.tracking.registry import SCORE_KEYS, record_scores
 
-        record_scores(resolved.registered_model, resolved.version, scores, tracker.run_id, result.settings_key())
+        headline = {k: v for k, v in scores.items() if k.removeprefix("score/") in SCORE_KEYS}
+        record_scores(resolved.registered_model, resolved.version, headline, tracker.run_id, result.settings_key())
     if result.is_sample:
         print("[peft-arena] note: some benchmarks ran on bundled samples or subsets (arena.data_provenance); "
               "these numbers are smoke checks, not benchmark scores", file=sys.stderr)
