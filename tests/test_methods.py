@@ -354,7 +354,9 @@ def test_boft_block_diag_kernel_matches_torch():
     torch.testing.assert_close(TorchBlockDiag.backward(grad, blocks)[0], leaf.grad)
 
 
-def test_boft_is_a_butterfly_rotation_not_oft(tiny):
+def test_boft_is_a_butterfly_rotation_not_oft(tiny, tiny_path, tmp_path, monkeypatch):
+    from peft.tuners.boft import layer as boft_layer
+
     model, options = build(tiny, "boft")
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     assert tuple(layer.boft_R["default"].shape) == (2, 64 // 8, 8, 8)  # m=2 factors of 8 blocks of 8 (in 64)
@@ -368,6 +370,14 @@ def test_boft_is_a_butterfly_rotation_not_oft(tiny):
     for i in range(0, 64, 8):
         off_block[i:i + 8, i:i + 8] = 0
     assert off_block.abs().max() > 1e-3  # the second factor mixes inputs across blocks (OFT could not)
+
+    batch = make_batch()
+    trained = logits(model, batch)
+    out = ops.save_trained(model, "boft", options, tmp_path / "art", base_model="tiny", base_source=tiny_path)
+    monkeypatch.setattr(boft_layer, "_FBD_CUDA", None)  # a fresh process: no kernel in peft's slot yet
+    reloaded = ops.load_trained(tiny_path, out)
+    assert reloaded.base_model.model.model.layers[0].self_attn.q_proj.boft_R["default"].shape[0] == 2
+    assert (logits(reloaded, batch) - trained).abs().max() < 1e-4
     with pytest.raises(MethodError, match="divisible by block_size"):
         build(load_model(str(ensure_tiny())), "boft", {"block_size": 16, "n_butterfly_factor": 4})
 

@@ -60,8 +60,11 @@ class TorchBlockDiag:
         return [grad_output.reshape(n, d, h, d, h)[:, diag, :, diag, :].transpose(0, 1).contiguous()]
 
 
-def _install_block_diag_kernel() -> None:
-    """Fill peft's kernel slot unless a compiled extension already sits there (then peft uses it as usual)."""
+def install_block_diag_kernel() -> None:
+    """Fill peft's kernel slot unless a compiled extension already sits there (then peft uses it as usual).
+
+    Needed before peft creates BOFT layers: when building (here) and when loading a saved BOFT adapter
+    (``ops.load_trained``), else peft would build them with one butterfly factor and the weights would not fit."""
     from peft.tuners.boft import layer as boft_layer
 
     if boft_layer._FBD_CUDA is None:
@@ -84,7 +87,7 @@ def build_boft(model, options: dict, ctx: BuildContext):
     from peft import BOFTConfig, TaskType
     from peft.tuners.boft import BOFTLayer
 
-    _install_block_diag_kernel()
+    install_block_diag_kernel()
     block, factors = options["block_size"], options["n_butterfly_factor"]
     if block < 1 or factors < 1:
         raise MethodError(f"boft: block_size ({block}) and n_butterfly_factor ({factors}) must be positive")

@@ -145,6 +145,10 @@ def load_trained(base_source_or_model, trained_dir: str | Path, dtype: str = "fl
         base = load_model(str(base), dtype=dtype)
     if isinstance(base, PeftModel):
         raise MethodError("load_trained needs a plain base model, not one that already carries an adapter")
+    if record["method"] == "boft":
+        from peft_arena.methods.boft import install_block_diag_kernel
+
+        install_block_diag_kernel()  # else peft rebuilds the layers with one butterfly factor
     return PeftModel.from_pretrained(base, str(trained_dir))
 
 
