@@ -82,6 +82,7 @@ class GRPORecipe:
     completions_table_rows: int = 32  # rows per logged table (whole groups, first prompts of the round)
     logging_steps: int = 1
     gradient_checkpointing: bool = False  # turn on for long completions on GPU
+    disable_dropout: bool = True  # paper RL builds its adapters without dropout; keeps π_old = π exact
     seed: int = 0
     use_vllm: str = "auto"  # auto: vLLM when installed; "true" requires it; "false" uses transformers generate
     vllm_mode: str = "auto"  # auto: "server" when vllm_server_base_url is set, else "colocate"
@@ -306,14 +307,19 @@ def grpo_settings(recipe: GRPORecipe, lr: float, backend: str) -> dict[str, Any]
         "max_completion_length": recipe.max_completion_length,
         "max_prompt_length": recipe.max_prompt_length,
         "format_reward_weight": recipe.format_reward_weight,
+        "disable_dropout": recipe.disable_dropout,
         "generation_backend": backend,
         "seed": recipe.seed,
     }
 
 
 def train_grpo(model_source: str, tokenizer_source: str, method: str, method_options: dict, records: list[dict],
-               domain: str, recipe: GRPORecipe, output_dir: str, tracker) -> dict:
+               domain: str, recipe: GRPORecipe, output_dir: str, tracker, *,
+               reward_funcs: list[Callable] | None = None) -> dict:
     """Train ``method`` on ``records`` with GRPO; save the trained artifact under ``output_dir/adapter``.
+
+    ``reward_funcs``: TRL reward functions to use instead of the domain's correctness reward (and the optional
+    format reward); the first one is the one whose mean is logged as ``train/accuracy``.
 
     Returns adapter_dir, trainable_params, total_params, label, steps, final_reward, final_accuracy,
     first_reward, history (one dict of curves per logged step) and generation_backend.
@@ -322,6 +328,9 @@ def train_grpo(model_source: str, tokenizer_source: str, method: str, method_opt
 
     spec = get_method(method)
     options = spec.resolve(method_options)
+    if recipe.beta and spec.name == "adalora":
+        raise MethodError("adalora cannot run GRPO with a KL term (grpo.beta > 0): TRL's KL reference is a second "
+                          "adapter and peft's AdaLoRA allows only one trainable adapter; use grpo.beta=0 (the paper's)")
     lr = recipe.learning_rate if recipe.learning_rate is not None else spec.grpo_lr
     backend = generation_backend(recipe.use_vllm)
     tokenizer = load_tokenizer(tokenizer_source)
@@ -348,12 +357,15 @@ def train_grpo(model_source: str, tokenizer_source: str, method: str, method_opt
         _plain_init_for_reference_copy(model)
     trainable, total = ops.count_parameters(model)
 
-    correctness = correctness_reward(domain)
-    reward_funcs: list[Callable] = [correctness]
-    reward_weights = [1.0]
-    if recipe.format_reward_weight:
-        reward_funcs.append(format_reward)
-        reward_weights.append(recipe.format_reward_weight)
+    if reward_funcs:
+        reward_funcs = list(reward_funcs)
+        reward_weights = [1.0] * len(reward_funcs)
+    else:
+        reward_funcs, reward_weights = [correctness_reward(domain)], [1.0]
+        if recipe.format_reward_weight:
+            reward_funcs.append(format_reward)
+            reward_weights.append(recipe.format_reward_weight)
+    correctness = reward_funcs[0]
     recorder = CompletionsRecorder()
     recorder.set_order(reward_funcs)
     reward_funcs = [recorder.wrap(fn) for fn in reward_funcs]
@@ -391,6 +403,7 @@ def train_grpo(model_source: str, tokenizer_source: str, method: str, method_opt
         top_p=recipe.top_p,
         max_completion_length=recipe.max_completion_length,
         gradient_checkpointing=recipe.gradient_checkpointing,
+        disable_dropout=recipe.disable_dropout,
         logging_steps=recipe.logging_steps,
         save_strategy="no",
         report_to=["mlflow"] if isinstance(tracker, MlflowTracker) else "none",
