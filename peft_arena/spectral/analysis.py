@@ -40,7 +40,6 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from peft_arena.spectral.deltas import (
-    ArtifactInfo,
     MatrixDelta,
     WeightFolder,
     adapted_modules,
@@ -113,6 +112,30 @@ class SVDCache:
         save_file({"U": svd.U.contiguous().cpu(), "S": svd.S.contiguous().cpu(), "V": svd.V.contiguous().cpu()},
                   str(tmp))
         tmp.replace(f)  # atomic: readers never see half a file
+
+
+def base_svd(W: torch.Tensor) -> tuple[BaseSVD, str]:
+    """Thin SVD of a pretrained weight; on CUDA the fast ``gesvda`` driver, kept only if certified.
+
+    ``gesvda`` is about 9× faster than cuSOLVER's default on 3584-wide matrices (H200) but documented as less
+    accurate for ill-conditioned inputs, so its result is accepted only when the reconstruction residual
+    max_i ‖W v_i − σ_i u_i‖ / σ_1 and the orthogonality errors of U and V are all below 50·eps·√p; otherwise
+    the default driver recomputes it. Returns the SVD and which route produced it.
+    """
+    if W.device.type == "cuda":
+        tall = W.shape[0] >= W.shape[1]
+        A = W if tall else W.mT  # gesvda wants tall matrices
+        U, S, Vh = torch.linalg.svd(A, full_matrices=False, driver="gesvda")
+        svd = BaseSVD(U, S, Vh.mT) if tall else BaseSVD(Vh.mT, S, U)
+        p = S.numel()
+        tol = 50 * torch.finfo(W.dtype).eps * p ** 0.5
+        eye = torch.eye(p, device=W.device, dtype=W.dtype)
+        residual = (W @ svd.V - svd.U * S).norm(dim=0).max() / S[0].clamp(min=torch.finfo(W.dtype).tiny)
+        ortho = max((svd.U.mT @ svd.U - eye).abs().max(), (svd.V.mT @ svd.V - eye).abs().max())
+        if torch.isfinite(S).all() and residual <= tol and ortho <= tol:
+            return svd, "gesvda"
+        return BaseSVD.of(W), "default_after_gesvda_check"
+    return BaseSVD.of(W), "default"
 
 
 def default_cache_dir() -> Path:
@@ -262,14 +285,14 @@ def analyze(
 ) -> dict:
     """Analyse every selected layer weight of ``finetuned_path`` against ``base_source``; see the module doc.
 
-    ``precision`` is the compute dtype: "auto" = float64 on CPU, float32 on CUDA (the paper used float32).
+    ``precision`` is the compute dtype: "auto" = float32 (as the paper), or "float64".
     Returns the summary dict (also written to ``spectral_summary.json``) with ``metrics`` (aggregates),
     ``per_layer_metrics``, ``per_layer`` and ``timings`` (seconds per stage).
     """
     t_start = time.perf_counter()
     dev = resolve_device(device)
-    dtype = {"auto": torch.float64 if dev.type == "cpu" else torch.float32,
-             "float32": torch.float32, "float64": torch.float64}[precision]
+    # float32 like the paper; float64 is ~10× slower on CPU (the top-k solver iterates to a tighter tolerance).
+    dtype = {"auto": torch.float32, "float32": torch.float32, "float64": torch.float64}[precision]
     timer = Timer(dev)
     out = Path(out_dir)
     (out / "profiles").mkdir(parents=True, exist_ok=True)
@@ -297,11 +320,14 @@ def analyze(
         raise ValueError(f"no layer weights selected (layers={layers}, modules={modules}) in {finetuned_path}")
 
     def read_base(name: str):
+        # Runs in a worker thread: disk read, content hash and cached-SVD read overlap with GPU work.
         t0 = time.perf_counter()
         W = base.get(name)
         t1 = time.perf_counter()
         key = weight_key(W)
-        return W, key, t1 - t0, time.perf_counter() - t1
+        t2 = time.perf_counter()
+        cached = cache.get(key, dtype, torch.device("cpu"))
+        return W, key, cached, {"read_base": t1 - t0, "hash": t2 - t1, "svd_cache_read": time.perf_counter() - t2}
 
     per_matrix: dict[str, dict] = {}
     index = []
@@ -309,24 +335,29 @@ def analyze(
     path_counts: dict[str, int] = defaultdict(int)
     svd_hits = 0
     # Reading and hashing the next matrices overlaps with compute on the current one.
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        lookahead = 3
+    base_svd_stats: dict[str, int] = defaultdict(int)
+    writes = []
+    with ThreadPoolExecutor(max_workers=8) as pool, ThreadPoolExecutor(max_workers=1) as writer:
+        lookahead = 4
         futures = {i: pool.submit(read_base, names[i]) for i in range(min(lookahead, len(names)))}
         for i, name in enumerate(tqdm(names, desc="spectral", unit="matrix", disable=not progress)):
-            W_raw, key, t_read, t_hash = futures.pop(i).result()
+            with timer("wait_io"):
+                W_raw, key, svd, io_seconds = futures.pop(i).result()
             if i + lookahead < len(names):
                 futures[i + lookahead] = pool.submit(read_base, names[i + lookahead])
-            timer.seconds["read_base"] += t_read
-            timer.seconds["hash"] += t_hash
+            for stage, sec in io_seconds.items():  # worker-thread seconds (overlapped, not wall time)
+                timer.seconds[stage + "_thread"] += sec
             with timer("to_device"):
-                W = W_raw.to(device=dev, dtype=dtype)
-            with timer("svd_cache_read"):
-                svd = cache.get(key, dtype, dev)
+                W = W_raw.to(dev, non_blocking=True).to(dtype)  # move the stored dtype, cast on the device
+                if svd is not None:
+                    svd = BaseSVD(svd.U.to(dev, non_blocking=True), svd.S.to(dev), svd.V.to(dev, non_blocking=True))
             if svd is None:
                 with timer("base_svd"):
-                    svd = BaseSVD.of(W)
-                with timer("svd_cache_write"):
-                    cache.put(key, dtype, svd)
+                    svd, how = base_svd(W)
+                    base_svd_stats[how] += 1
+                with timer("svd_to_host"):  # the disk write itself runs in a background thread
+                    host = BaseSVD(svd.U.cpu(), svd.S.cpu(), svd.V.cpu())
+                writes.append(writer.submit(cache.put, key, dtype, host))
             else:
                 svd_hits += 1
             with timer("read_update"):
@@ -357,6 +388,9 @@ def analyze(
                           "module": module_type(name), "shape": list(W.shape), "path": prof.path,
                           "summary": prof.summary, "meta": prof.meta})
 
+    with timer("svd_cache_write_wait"):
+        for w in writes:
+            w.result()
     with timer("norms"):
         analysed = set(names)
         other_names = [nm for nm in base.keys() if nm not in analysed]
@@ -401,6 +435,7 @@ def analyze(
         "num_matrices": len(names),
         "paths": dict(path_counts),
         "svd_cache_hits": svd_hits,
+        "base_svd": dict(base_svd_stats),
         "per_layer": per_matrix,
         "metrics": metrics,
         "norms": norms,
