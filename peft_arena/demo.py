@@ -15,13 +15,12 @@ from pathlib import Path
 from peft_arena.cli import run_stage
 
 # Sized so the whole demo finishes in about 10 minutes on 2 CPU cores with SmolLM2-135M.
-FULL = {"base": "smollm2-135m", "steps": 12, "limit": 48, "eval_limit": 6, "max_new_tokens": 96}
-FAST = {"base": "tiny", "steps": 2, "limit": 8, "eval_limit": 2, "max_new_tokens": 8}
+FULL = {"base": "smollm2-135m", "steps": 8, "limit": 32, "eval_limit": 4, "n_samples": 4, "max_new_tokens": 96}
+FAST = {"base": "tiny", "steps": 2, "limit": 8, "eval_limit": 2, "n_samples": 2, "max_new_tokens": 8}
 
 
-def _say(step: int, total: int, text: str) -> float:
-    print(f"\n[demo {step}/{total}] {text}", file=sys.stderr, flush=True)
-    return time.time()
+def _say(step: int, total: int, text: str, started: float) -> None:
+    print(f"\n[demo {step}/{total}] {text}  (t+{time.time() - started:.0f}s)", file=sys.stderr, flush=True)
 
 
 def run_demo(directory: str = "demo_arena", fast: bool = False) -> dict:
@@ -34,39 +33,40 @@ def run_demo(directory: str = "demo_arena", fast: bool = False) -> dict:
     outputs = str(root / "outputs")
     common_train = {"base_model": size["base"], "domain": "math", "max_steps": size["steps"],
                     "limit": size["limit"], "output_dir": outputs}
-    common_eval = {"suite": "demo", "limit": size["eval_limit"], "max_new_tokens": size["max_new_tokens"]}
+    common_eval = {"suite": "demo", "limit": size["eval_limit"], "n_samples": size["n_samples"],
+                   "max_new_tokens": size["max_new_tokens"]}
     total, started, results = 9, time.time(), {}
 
     trained = {}
     for i, (method, options) in enumerate((("lora", {}), ("oft", {"method.block_size": 32})), start=1):
-        _say(i, total, f"SFT {method} on the math sample ({size['steps']} steps, {size['base']})")
+        _say(i, total, f"SFT {method} on the math sample ({size['steps']} steps, {size['base']})", started)
         trained[method] = run_stage("train_sft", None, {**common_train, "adapter": method, **options})
 
     versions = {}
     for i, method in enumerate(trained, start=3):
-        _say(i, total, f"promote {method}: merge into the base, register, alias candidate")
+        _say(i, total, f"promote {method}: merge into the base, register, alias candidate", started)
         versions[method] = run_stage("promote", None, {"source_run": trained[method]["run_id"]})
 
-    _say(5, total, "evaluate the base model (cached for the others' gain/forgetting)")
+    _say(5, total, "evaluate the base model (cached for the others' gain/forgetting)", started)
     results["base"] = run_stage("evaluate", None, {**common_eval, "model_uri": size["base"]})
     name = versions["lora"]["name"]
     uris = {"lora": f"models:/{name}/{versions['lora']['version']}", "oft": f"models:/{name}@candidate"}
-    _say(6, total, f"evaluate both versions by registry URI: {uris['lora']} and {uris['oft']}")
+    _say(6, total, f"evaluate both versions by registry URI: {uris['lora']} and {uris['oft']}", started)
     for method, uri in uris.items():
         results[method] = run_stage("evaluate", None, {**common_eval, "model_uri": uri})
 
-    _say(7, total, "spectral profile of each trained model against the base")
+    _say(7, total, "spectral profile of each trained model against the base", started)
     for method in trained:
         run_stage("spectral", None, {"model_uri": f"runs:/{trained[method]['run_id']}/adapter"})
 
-    _say(8, total, "champion policy (registry/policy.yaml) on the evaluated versions")
+    _say(8, total, "champion policy (registry/policy.yaml) on the evaluated versions", started)
     policy = Path(__file__).resolve().parent.parent / "registry" / "policy.yaml"
     for method in trained:
         decision = run_stage("promote", None, {"alias": "champion", "policy": str(policy),
                                                "model_uri": f"models:/{name}/{versions[method]['version']}"})
         print(f"  {method}: {decision.get('decision', decision)}", file=sys.stderr)
 
-    _say(9, total, "report: leaderboard, Pareto plot, family summary, method grid")
+    _say(9, total, "report: leaderboard, Pareto plot, family summary, method grid", started)
     run_stage("report", None, {"output_dir": str(root / "report")})
 
     minutes = (time.time() - started) / 60

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
-from peft_arena.config import GRPOStageConfig, SFTConfig, config_params
+from peft_arena.config import ConfigError, GRPOStageConfig, SFTConfig, config_params
 from peft_arena.methods import get_method
 from peft_arena.models import resolve_base
 from peft_arena.tracking.naming import run_name
@@ -53,6 +54,11 @@ def run_train_grpo(cfg: GRPOStageConfig, tracker) -> dict:
 
     out = _prepare(cfg, "train_grpo", "grpo", tracker)
     base = resolve_base(cfg.base_model)
+    known = {f.name for f in dataclasses.fields(GRPORecipe)}
+    unknown = sorted(set(cfg.grpo_options) - known)
+    if unknown:
+        raise ConfigError(f"unknown GRPO option(s) {', '.join('grpo.' + k for k in unknown)}; "
+                          f"valid: {', '.join(sorted(known))}")
     recipe = GRPORecipe(**{**cfg.grpo_options, "max_steps": cfg.max_steps, "seed": cfg.seed,
                            **({"learning_rate": cfg.lr} if cfg.lr else {})})
     records = load_records(cfg.data or default_data(cfg.domain), cfg.domain, limit=cfg.limit or None, seed=cfg.seed)
