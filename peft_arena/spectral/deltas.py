@@ -237,13 +237,13 @@ def has_factor_form(info: ArtifactInfo) -> bool:
 
 
 def merged_state(base_source: str, info: ArtifactInfo) -> dict[str, torch.Tensor]:
-    """Finetuned weights of an adapter with no exact factor form, merged by PEFT on an fp32 base (CPU)."""
-    from peft import PeftModel
+    """Finetuned weights of an adapter with no exact factor form, merged by PEFT on an fp32 base (CPU).
 
-    from peft_arena.models import load_model
+    Loads and merges through the methods' own ops (BOFT needs its kernel installed first; a failed merge raises).
+    """
+    from peft_arena.methods import ops
 
-    model = PeftModel.from_pretrained(load_model(base_source, dtype="float32"), str(info.path))
-    merged = model.merge_and_unload()
+    merged = ops.merge(ops.load_trained(base_source, str(info.path), dtype="float32"))
     return {k: v.detach() for k, v in merged.state_dict().items()}
 
 

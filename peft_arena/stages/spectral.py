@@ -74,7 +74,7 @@ def run_spectral(cfg: SpectralConfig, tracker) -> dict:
     try:
         summary = analyze(base_source, target.path, layers=layers, modules=modules, window=cfg.window,
                           top_k=cfg.top_k, device=cfg.device, out_dir=str(out))
-        tracker.log_metrics(summary["metrics"])
+        tracker.log_metrics({**summary["metrics"], **summary["per_layer_metrics"]})
         tracker.log_metrics({f"spectral/timing/{k}_s": v for k, v in summary["timings"].items()})
         tracker.log_artifacts(out, "spectral")
         layer_names = _str_list(cfg.plot_layers) or _default_plot_layers(out)
