@@ -241,3 +241,20 @@ def test_grpo_raises_the_reward_on_a_toy_verifiable_task(tmp_path):
     first, last = sum(rewards[:2]) / 2, sum(rewards[-2:]) / 2
     assert last >= first + 0.3, f"mean reward did not rise: {rewards}"
     assert last >= 0.75, rewards
+
+
+def test_completions_table_is_logged_once_per_generation_round(tiny, math_records, tmp_path):
+    """Two optimizer steps share one generation round: the table is logged once, with the round's rows."""
+    logged = []
+
+    class CountingTracker(MemoryTracker):
+        def log_table(self, data, name):
+            logged.append((name, dict(data)))
+            super().log_table(data, name)
+
+    recipe = GRPORecipe(num_generations=2, prompts_per_generation=2, updates_per_generation=2, max_steps=2,
+                        max_completion_length=4, learning_rate=1e-2)
+    train_grpo(tiny, tiny, "lora", {}, math_records, "math", recipe, str(tmp_path), CountingTracker(),
+               reward_funcs=[char_length_reward])
+    assert len(logged) == 1 and logged[0][0] == COMPLETIONS_TABLE
+    assert len(logged[0][1]["completion"]) == 4 and len(set(logged[0][1]["prompt"])) == 2

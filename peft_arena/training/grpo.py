@@ -13,6 +13,10 @@ sequence first, ``"dr_grpo"`` divide by a constant).
 Methods are built by the arena's registry and handed to TRL already wrapped (never through TRL's
 ``peft_config``), so PiSSA/MiLoRA's residual base, KeepLoRA's gradient init and AdaLoRA's schedule are the
 arena's own. A method that cannot run raises; none is replaced by another.
+
+Known differences from SFT for some methods: AdaLoRA's orthogonality regulariser is added by peft only to a
+loss computed from labels, so under GRPO (no labels) AdaLoRA trains without it (rank reallocation still runs
+every step); AdaLoRA with a KL term is refused (see :func:`train_grpo`).
 """
 
 from __future__ import annotations
@@ -170,12 +174,14 @@ class CompletionsRecorder:
 
     def __init__(self) -> None:
         self.latest: dict[str, Any] = {}
+        self.generation = 0  # generation rounds seen (several optimizer steps may share one round)
 
     def wrap(self, fn: Callable) -> Callable:
         @functools.wraps(fn)  # TRL names the reward curves after __name__
         def recorded(prompts=None, completions=None, **kwargs):
             scores = fn(prompts=prompts, completions=completions, **kwargs)
             if fn.__name__ == self._first:
+                self.generation += 1
                 self.latest = {"prompts": prompts, "completions": completions,
                                "ground_truth": kwargs.get("ground_truth"), "rewards": {}}
             self.latest["rewards"][fn.__name__] = list(scores)
@@ -216,6 +222,7 @@ def _arena_callback(tracker, recorder: CompletionsRecorder, recipe: GRPORecipe, 
 
         def __init__(self) -> None:
             self.history: list[dict[str, float]] = []
+            self.logged_generation = 0
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not logs or "reward" not in logs:
@@ -229,10 +236,11 @@ def _arena_callback(tracker, recorder: CompletionsRecorder, recipe: GRPORecipe, 
 
         def on_step_end(self, args, state, control, **kwargs):
             every = recipe.log_completions_every
-            if every and state.global_step % every == 0:
+            if every and state.global_step % every == 0 and recorder.generation > self.logged_generation:
                 table = recorder.rows(state.global_step, recipe.completions_table_rows)
                 if table:
                     tracker.log_table(table, COMPLETIONS_TABLE)
+                    self.logged_generation = recorder.generation
 
     return ArenaGRPOLogging()
 
