@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import importlib.util
 import math
+import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,8 +122,9 @@ class GRPORecipe:
 def _coerce_field(name: str, value: Any, hint: Any) -> Any:
     """Recipe values from YAML or ``-P grpo.x=y`` arrive as strings; give them the field's type."""
     if not isinstance(value, str):
-        return float(value) if hint in (float, float | None) and isinstance(value, int) and not isinstance(value, bool) else value
-    optional = typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", None))
+        is_int = isinstance(value, int) and not isinstance(value, bool)
+        return float(value) if is_int and hint in (float, float | None) else value  # YAML's 1 for a float knob
+    optional = typing.get_origin(hint) in (typing.Union, types.UnionType)
     base = next((a for a in typing.get_args(hint) if a is not type(None)), hint) if optional else hint
     if optional and value.strip().lower() in ("", "none", "null"):
         return None
