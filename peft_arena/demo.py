@@ -15,7 +15,7 @@ from pathlib import Path
 from peft_arena.cli import run_stage
 
 # Sized so the whole demo finishes in about 10 minutes on 2 CPU cores with SmolLM2-135M.
-FULL = {"base": "smollm2-135m", "steps": 8, "limit": 32, "eval_limit": 4, "n_samples": 4, "max_new_tokens": 96}
+FULL = {"base": "smollm2-135m", "steps": 8, "limit": 32, "eval_limit": 3, "n_samples": 4, "max_new_tokens": 64}
 FAST = {"base": "tiny", "steps": 2, "limit": 8, "eval_limit": 2, "n_samples": 2, "max_new_tokens": 8}
 
 
@@ -64,7 +64,9 @@ def run_demo(directory: str = "demo_arena", fast: bool = False) -> dict:
     for method in trained:
         decision = run_stage("promote", None, {"alias": "champion", "policy": str(policy),
                                                "model_uri": f"models:/{name}/{versions[method]['version']}"})
-        print(f"  {method}: {decision.get('decision', decision)}", file=sys.stderr)
+        verdict = "champion" if decision["promoted"] else "not champion"
+        print(f"  {method} (version {decision['version']}): {verdict}: {'; '.join(decision['reasons'])}",
+              file=sys.stderr)
 
     _say(9, total, "report: leaderboard, Pareto plot, family summary, method grid", started)
     run_stage("report", None, {"output_dir": str(root / "report")})
