@@ -152,6 +152,8 @@ def base_points(experiment_names: Iterable[str] | str | None = None, *, domain: 
     df = pd.DataFrame({
         "base": _tag(runs, "arena.base_model"), "domain": _tag(runs, "arena.domain"),
         "target": _metric(runs, SCORE_METRICS["target"]), "general": _metric(runs, SCORE_METRICS["general"]),
+        # a base is domain-agnostic: its per-domain target averages place it in each domain's panel
+        "target_math": _metric(runs, "score/target_math_avg"), "target_med": _metric(runs, "score/target_med_avg"),
         "eval_key": _tag(runs, "arena.eval_key"), "eval_run_id": runs["run_id"],
         "model_uri": _tag(runs, "arena.model_uri"),
     })
@@ -182,8 +184,8 @@ def plot_pareto(df: pd.DataFrame, base_df: pd.DataFrame | None = None):
     import matplotlib.pyplot as plt
 
     base_df = base_df if base_df is not None else pd.DataFrame(columns=BASE_COLUMNS)
-    keys = sorted({tuple(k) for k in df[GROUP].itertuples(index=False)} |
-                  {tuple(k) for k in base_df[GROUP].itertuples(index=False)}, key=str)
+    keys = sorted({tuple(k) for k in df[GROUP].itertuples(index=False)}, key=str) or sorted(
+        {tuple(k) for k in base_df[GROUP].itertuples(index=False)}, key=str)
     if not keys:
         raise ValueError("nothing to plot: no evaluated models and no base evaluations")
     fig, axes = plt.subplots(1, len(keys), figsize=(6.2 * len(keys), 5.0), squeeze=False)
@@ -200,11 +202,14 @@ def plot_pareto(df: pd.DataFrame, base_df: pd.DataFrame | None = None):
         if len(front):
             ax.step(front["general"], front["target"], where="pre", color="black", linewidth=1.0, alpha=0.6,
                     zorder=2, label="Pareto front")
-        bsub = base_df[(base_df["domain"] == domain) & (base_df["base"] == base)]
+        same_domain = (base_df["domain"] == domain) | base_df["domain"].isna() | (base_df["domain"] == "")
+        bsub = base_df[same_domain & (base_df["base"] == base)]
         for _, b in bsub.iterrows():
-            ax.scatter(b["general"], b["target"], s=160, marker="*", color="black", zorder=4, label="base model")
+            target = b.get(f"target_{domain}")
+            target = b["target"] if target is None or pd.isna(target) else target
+            ax.scatter(b["general"], target, s=160, marker="*", color="black", zorder=4, label="base model")
             ax.axvline(b["general"], color="black", linestyle=":", linewidth=0.8)
-            ax.axhline(b["target"], color="black", linestyle=":", linewidth=0.8)
+            ax.axhline(target, color="black", linestyle=":", linewidth=0.8)
         ax.set_xlabel("general average (%)  — stability")
         ax.set_ylabel("target average (%)  — plasticity")
         ax.set_title(f"{domain} · {base}", fontsize=10)

@@ -111,6 +111,20 @@ def test_arena_scores_by_hand():
         arena_scores(tuned, {"target/math500/acc": 1.0}, suite)
 
 
+def test_target_average_is_the_model_domain_when_both_domains_are_evaluated():
+    suite = ["math500", "medqa", "nq"]
+    base = {"target/math500/acc": 10.0, "target/medqa/acc": 40.0, "general/nq/em": 20.0}
+    tuned = {"target/math500/acc": 30.0, "target/medqa/acc": 30.0, "general/nq/em": 15.0}
+    unknown = arena_scores(tuned, None, suite)
+    assert unknown["score/target_avg"] == pytest.approx(30.0)  # mean of the two domains' averages
+    math = arena_scores(tuned, base, suite, domain="math")
+    assert math["score/target_avg"] == 30.0 and math["score/target_med_avg"] == 30.0
+    assert math["score/target_gain_pp"] == pytest.approx(20.0)  # 30 - 10 on math only, not (30+30)/2 - (10+40)/2
+    med = arena_scores(tuned, base, suite, domain="med")
+    assert med["score/target_gain_pp"] == pytest.approx(-10.0)
+    assert med["score/forget_pp"] == pytest.approx(5.0)
+
+
 @pytest.fixture(scope="module")
 def tiny_result():
     from peft_arena.models import ensure_tiny
@@ -163,5 +177,5 @@ def test_log_suite_result_through_memory_tracker(tiny_result):
     assert tracker.last("general/ifeval/inst_strict") == tiny_result.metrics["general/ifeval/inst_strict"]
     assert tracker.last("score/general_avg") == pytest.approx(scores["score/general_avg"])
     assert "samples/math500.json" in tracker.artifacts and "results/paper_results.csv" in tracker.artifacts
-    assert tracker.tags["arena.eval.sample"] == "true"
-    assert tracker.tags["arena.eval.settings_key"] == tiny_result.settings_key()
+    assert tracker.tags["arena.samples_only"] == "true"
+    assert tracker.tags["arena.eval_key"] == tiny_result.settings_key()

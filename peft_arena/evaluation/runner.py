@@ -49,8 +49,8 @@ class SuiteResult:
         """True when any benchmark ran on a bundled sample: such numbers are never benchmark scores."""
         return any(p.startswith("sample") for p in self.provenance.values())
 
-    def scores(self, base_metrics: dict[str, float] | None = None) -> dict[str, float]:
-        return arena_scores(self.metrics, base_metrics, self.benchmarks)
+    def scores(self, base_metrics: dict[str, float] | None = None, domain: str | None = None) -> dict[str, float]:
+        return arena_scores(self.metrics, base_metrics, self.benchmarks, domain)
 
     def paper_rows(self, checkpoint: str) -> list[dict]:
         """Rows ``checkpoint, domain, benchmark, metric, value`` like the paper's ``summarize_results.py``
@@ -235,7 +235,7 @@ def _sample_row(spec: BenchmarkSpec, item: dict, prompt: str, completions: list[
 
 
 def log_suite_result(tracker, result: SuiteResult, checkpoint: str, base_metrics: dict[str, float] | None = None,
-                     model_id: str | None = None) -> dict[str, float]:
+                     model_id: str | None = None, domain: str | None = None) -> dict[str, float]:
     """Log ``result`` through a tracker (``MlflowTracker``/``MemoryTracker``) and return the arena scores.
 
     Metrics go per benchmark with ``dataset=<benchmark>`` (linked to ``model_id`` when given); each benchmark's
@@ -246,7 +246,7 @@ def log_suite_result(tracker, result: SuiteResult, checkpoint: str, base_metrics
     for bench, values in result.per_benchmark.items():
         spec = get_benchmark(bench)
         tracker.log_metrics({spec.metric_key(m): v for m, v in values.items()}, dataset=bench, model_id=model_id)
-    scores = result.scores(base_metrics)
+    scores = result.scores(base_metrics, domain)
     tracker.log_metrics(scores, model_id=model_id)
     for bench, frame in result.samples.items():
         tracker.log_table(frame, f"samples/{bench}.json")

@@ -6,8 +6,9 @@ Which headline metric feeds each average:
   the suite: math = MATH-500, AMC23, AIME24 ``acc`` (avg@n; the paper's ``math_avg``; GSM8K is reported but not
   averaged); med = every medical benchmark's ``acc`` (unweighted mean over sources, the paper's ``med_avg``).
   If no core benchmark of a domain is in the suite, the domain's benchmarks present are averaged instead.
-  With both domains in the suite, ``target_avg`` is the mean of ``score/target_math_avg`` and
-  ``score/target_med_avg`` (both also reported).
+  Each domain's average is reported as ``score/target_<domain>_avg``. ``target_avg`` is the evaluated model's
+  own domain's average when the model's domain is known (a math model is not scored on medicine); for a model of
+  unknown domain with both domains in the suite it is the mean of the two.
 * ``score/general_avg`` – mean of IFEval ``inst_strict``, NQ ``em`` and BBH ``avg`` (those present); if none of the
   three is in the suite, the mean of the headline metrics of the general/extended benchmarks present
   (HumanEval ``pass_at_1``, the others ``acc``).
@@ -52,7 +53,8 @@ def averaged_benchmarks(benchmarks: Iterable[BenchmarkSpec | str]) -> dict[str, 
     return out
 
 
-def _averages(metrics: dict[str, float], groups: dict[str, list[BenchmarkSpec]], which: str) -> dict[str, float]:
+def _averages(metrics: dict[str, float], groups: dict[str, list[BenchmarkSpec]], which: str,
+              domain: str | None = None) -> dict[str, float]:
     out: dict[str, float] = {}
     domain_avgs = []
     for group, specs in groups.items():
@@ -62,19 +64,24 @@ def _averages(metrics: dict[str, float], groups: dict[str, list[BenchmarkSpec]],
         else:
             out[f"score/{group}_avg"] = value
             domain_avgs.append(value)
-    if domain_avgs:
+    if domain and f"score/target_{domain}_avg" in out:
+        out["score/target_avg"] = out[f"score/target_{domain}_avg"]
+    elif domain_avgs:
         out["score/target_avg"] = mean(domain_avgs)
     return out
 
 
 def arena_scores(metrics: dict[str, float], base_metrics: dict[str, float] | None,
-                 benchmarks: Iterable[BenchmarkSpec | str]) -> dict[str, float]:
-    """Target/general averages of ``metrics`` and, with ``base_metrics``, gain, general delta and forgetting."""
+                 benchmarks: Iterable[BenchmarkSpec | str], domain: str | None = None) -> dict[str, float]:
+    """Target/general averages of ``metrics`` and, with ``base_metrics``, gain, general delta and forgetting.
+
+    ``domain``: the evaluated model's target domain (its training domain); the base is scored on the same one.
+    """
     groups = averaged_benchmarks(benchmarks)
-    scores = _averages(metrics, groups, "evaluated model")
+    scores = _averages(metrics, groups, "evaluated model", domain)
     if base_metrics is None:
         return scores
-    base = _averages(base_metrics, groups, "base model")
+    base = _averages(base_metrics, groups, "base model", domain)
     if "score/target_avg" in scores:
         scores["score/target_gain_pp"] = scores["score/target_avg"] - base["score/target_avg"]
     if "score/general_avg" in scores:

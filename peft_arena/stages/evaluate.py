@@ -106,7 +106,8 @@ def run_evaluate(cfg: EvalConfig, tracker) -> dict:
         base_run_id, base_metrics = cached
         tracker.set_tags({"arena.base_eval_run": base_run_id})
 
-    scores = log_suite_result(tracker, result, name, base_metrics, resolved.model_id if resolved else None)
+    scores = log_suite_result(tracker, result, name, base_metrics, resolved.model_id if resolved else None,
+                              domain=lineage.get("arena.domain"))
     if resolved is not None and resolved.registered_model:
         from peft_arena.tracking.registry import SCORE_KEYS, record_scores
 
