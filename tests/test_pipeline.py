@@ -117,8 +117,12 @@ def test_evaluation_by_alias_is_linked_to_the_version_and_scored(arena):
     assert len(bases) == 1
     assert bases[0].data.tags["arena.eval_key"] == run.data.tags["arena.eval_key"]
     assert run.data.tags["arena.base_eval_run"] == bases[0].info.run_id
-    gain = run.data.metrics["score/target_avg"] - bases[0].data.metrics["score/target_avg"]
+    # a math model is scored on the math targets only, against the base's math average
+    assert run.data.metrics["score/target_avg"] == run.data.metrics["score/target_math_avg"]
+    gain = run.data.metrics["score/target_avg"] - bases[0].data.metrics["score/target_math_avg"]
     assert run.data.metrics["score/target_gain_pp"] == pytest.approx(gain)
+    forget = max(0.0, bases[0].data.metrics["score/general_avg"] - run.data.metrics["score/general_avg"])
+    assert run.data.metrics["score/forget_pp"] == pytest.approx(forget)
     version = mlflow.MlflowClient().get_model_version("tiny-math", "1")
     assert float(version.tags["arena.score.target_avg"]) == pytest.approx(run.data.metrics["score/target_avg"])
     files = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
