@@ -12,7 +12,8 @@ from peft_arena.evaluation import describe_benchmarks, get_benchmark, resolve_su
 from peft_arena.evaluation.runner import effective_generation, evaluate_model, log_suite_result, select_items
 from peft_arena.evaluation.scores import arena_scores
 
-SHARED_DATA = Path("/work/shared/data")
+# The full benchmark copies that sit beside a checkout (../shared/data) on developer and CI machines.
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def test_registry_groups_and_suite_resolution():
