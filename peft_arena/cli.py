@@ -16,6 +16,7 @@ import json
 import os
 import re
 import sys
+import warnings
 from typing import Callable
 
 from peft_arena.config import STAGE_CONFIGS, ConfigError, build_config, pairs_to_overrides, parse_assignments
@@ -181,8 +182,13 @@ def _cmd_benchmarks(args) -> int:
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
         return 0
+    print(f"{'name':<13}{'group':<13}{'protocol':<15}{'headline':<12}offline source")
     for r in rows:
-        print(f"{r['name']:<12} {r['group']:<12} {r.get('protocol', '')}")
+        src = r["source"]
+        offline = src.get("package") or (f"bundled sample ({src['sample']})" if src.get("sample") else "-")
+        print(f"{r['name']:<13}{r['group']:<13}{r.get('protocol', ''):<15}{r['headline']:<12}{offline}")
+    print("\nFull sets: point data_dir (or PEFT_ARENA_DATA_DIR) at a folder of the benchmark files; "
+          "`--json` lists hub ids, prompts, generation settings and deviations.")
     return 0
 
 
@@ -240,6 +246,8 @@ def build_parser(listings_for: tuple[str, ...] = ()) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # transformers 5 deprecation notices about names TRL/peft still use: noise for our users, not theirs to fix.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
     argv = list(sys.argv[1:] if argv is None else argv)
     wants_help = any(a in ("-h", "--help") for a in argv)
     parser = build_parser(listings_for=tuple(argv[:1]) if wants_help else ())
@@ -255,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("peft-arena: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `peft-arena methods | head`: the reader left; nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as exc:  # one clear line; the run (if any) holds the traceback in error.txt
         if os.environ.get("PEFT_ARENA_DEBUG"):
             raise
