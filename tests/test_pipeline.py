@@ -28,12 +28,17 @@ def mlflow_run(store, entry: str, **params) -> subprocess.CompletedProcess:
            "--experiment-name", EXPERIMENT]
     for key, value in params.items():
         cmd += ["-P", f"{key}={value}"]
-    return subprocess.run(cmd, env=_env(store), capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, env=_env(store), capture_output=True, text=True, timeout=600, cwd=_home(store))
+
+
+def _home(store: str) -> Path:
+    """The store's folder: runs started there keep their artifacts and outputs out of the checkout."""
+    return Path(store[len("sqlite:///"):]).parent
 
 
 def entry_point(store, entry: str, *args: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(REPO / "entrypoints" / f"{entry}.py"), *args, "--json"]
-    return subprocess.run(cmd, env=_env(store), capture_output=True, text=True, timeout=600, cwd=REPO)
+    return subprocess.run(cmd, env=_env(store), capture_output=True, text=True, timeout=600, cwd=_home(store))
 
 
 def _check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
