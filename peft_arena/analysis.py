@@ -251,7 +251,8 @@ def family_summary(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def to_markdown(df: pd.DataFrame, columns: list[str] | None = None, floatfmt: str = ".2f") -> str:
-    """A GitHub markdown table (no tabulate needed). Floats use ``floatfmt``; integers get thousands separators."""
+    """A GitHub markdown table (no tabulate needed). Floats use ``floatfmt``, except non-zero magnitudes it would
+    print as 0.00 (relative update norms, say), which get three significant digits; integers get separators."""
     df = df if columns is None else df[[c for c in columns if c in df.columns]]
 
     def cell(v) -> str:
@@ -262,7 +263,10 @@ def to_markdown(df: pd.DataFrame, columns: list[str] | None = None, floatfmt: st
         if isinstance(v, numbers.Integral):
             return f"{int(v):,}"
         if isinstance(v, numbers.Real):
-            return f"{float(v):{floatfmt}}"
+            text = f"{float(v):{floatfmt}}"
+            if float(v) != 0.0 and float(text) == 0.0:
+                return f"{float(v):.3g}"
+            return text
         return str(v).replace("|", "\\|")
 
     header = "| " + " | ".join(map(str, df.columns)) + " |"

@@ -145,6 +145,8 @@ def test_to_markdown():
     assert analysis.to_markdown(df) == ("| method | trainable_params | target | on_front | note |\n"
                                         "|---|---:|---:|---|---|\n"
                                         "| lora | 12,345 | 30.46 | yes |  |\n")
+    tiny = analysis.to_markdown(pd.DataFrame({"rel_delta_fro": [0.004213, 0.0, 0.5]}))
+    assert tiny.splitlines()[2:] == ["| 0.00421 |", "| 0.00 |", "| 0.50 |"]
 
 
 def test_report_stage_writes_and_logs_everything(arena, tmp_path, capsys):
