@@ -119,8 +119,13 @@ def plot_distributions(out_dir: str | Path):
         ax.set_ylabel(ylabel)
     axes[0].set_title("retention, all indices and layers", fontsize=9)
     axes[1].set_title("adaptation, all indices and layers", fontsize=9)
-    axes[2].bar(range(len(modules)), [np.mean(intr[m]) for m in modules])
+    means = [float(np.mean(intr[m])) for m in modules]
+    axes[2].bar(range(len(modules)), means)
     axes[2].set_xticks(range(len(modules)), modules, rotation=45, ha="right", fontsize=7)
+    axes[2].set_ylim(0, max(1.0, 1.15 * max(means, default=0.0)))
+    if not any(means):  # an empty-looking panel would read as a plotting failure
+        axes[2].text(0.5, 0.5, "no intruder dimensions in any matrix", transform=axes[2].transAxes,
+                     ha="center", va="center", fontsize=9)
     axes[2].set_ylabel("intruder dimensions per matrix (mean over layers, count)")
     axes[2].set_title("intruder dimensions", fontsize=9)
     fig.suptitle(_label(out_dir), fontsize=10)
