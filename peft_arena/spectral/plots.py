@@ -29,6 +29,28 @@ def _index(out_dir: str | Path) -> list[dict]:
     return json.loads(f.read_text())["matrices"]
 
 
+def middle_layer_matrices(out_dirs: list[str | Path], modules: tuple[str, ...] = ("mlp.down_proj",),
+                          fallback: int = 1) -> list[str]:
+    """Matrices every folder analysed in the middle analysed layer, of the given module types (the paper plots
+    layer 18 of 28, mlp.down_proj); else the first ``fallback`` common matrices; [] when none is common."""
+    common: set[str] | None = None
+    layer_of: dict[str, int | None] = {}
+    for out_dir in out_dirs:
+        entries = _index(out_dir)
+        layer_of.update({e["name"]: e.get("layer") for e in entries})
+        names = {e["name"] for e in entries}
+        common = names if common is None else common & names
+    if not common:
+        return []
+    layers = sorted({layer_of[n] for n in common if layer_of[n] is not None})
+    if layers:
+        middle = layers[len(layers) // 2]
+        chosen = sorted(n for n in common if layer_of[n] == middle and any(m in n for m in modules))
+        if chosen:
+            return chosen
+    return sorted(common)[:fallback]
+
+
 def _profiles(out_dir: str | Path, name: str) -> dict[str, np.ndarray]:
     for entry in _index(out_dir):
         if entry["name"] == name or entry["name"] == name + ".weight":

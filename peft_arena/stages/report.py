@@ -7,7 +7,6 @@ spectral runs exist for the ranked models, ``spectral_method_grid.png``. The lea
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
@@ -93,32 +92,13 @@ def _spectral_grid(board, experiments, out: Path) -> Path | None:
             folder = folders.get(row["source_run"])
             if folder is not None and (folder / "profiles" / "index.json").exists():
                 labelled.append((analysis.model_name(row), str(folder)))
-        layer = _common_layer([f for _, f in labelled])
-        if layer is None:
-            return None
-        from peft_arena.spectral.plots import plot_method_grid
+        from peft_arena.spectral.plots import middle_layer_matrices, plot_method_grid
 
-        fig = plot_method_grid(labelled, layer)
+        layers = middle_layer_matrices([f for _, f in labelled])
+        if not layers:
+            return None
+        fig = plot_method_grid(labelled, layers[0])
     path = out / "spectral_method_grid.png"
     fig.savefig(path, dpi=130)
     plt.close(fig)
     return path
-
-
-def _common_layer(folders: list[str]) -> str | None:
-    """A matrix every run analysed: the paper's choice (mlp.down_proj of a middle layer) when available."""
-    if not folders:
-        return None
-    names = None
-    layers: dict[str, int] = {}
-    for folder in folders:
-        entries = json.loads((Path(folder) / "profiles" / "index.json").read_text())["matrices"]
-        layers.update({e["name"]: int(e.get("layer") or 0) for e in entries})
-        these = {e["name"] for e in entries}
-        names = these if names is None else names & these
-    if not names:
-        return None
-    down = sorted((n for n in names if "mlp.down_proj" in n), key=lambda n: layers[n])
-    if down:
-        return down[len(down) // 2]
-    return sorted(names)[0]

@@ -6,7 +6,6 @@ then analysed exactly from their factors, and no merged-weight rounding enters Î
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -29,15 +28,6 @@ def _int_list(text: str, what: str) -> list[int] | None:
 def _str_list(text: str) -> list[str] | None:
     items = [x.strip() for x in text.split(",") if x.strip()]
     return items or None
-
-
-def _default_plot_layers(out_dir: Path) -> list[str]:
-    """The middle layer's down_proj and q_proj (the paper plots layer 18 of 28, mlp.down_proj), else any two."""
-    matrices = json.loads((out_dir / "profiles" / "index.json").read_text())["matrices"]
-    layers = sorted({m["layer"] for m in matrices if m.get("layer") is not None})
-    middle = [m["name"] for m in matrices if layers and m.get("layer") == layers[len(layers) // 2]]
-    chosen = [n for n in middle if "down_proj" in n or "q_proj" in n]
-    return chosen or [m["name"] for m in matrices[:2]]
 
 
 def run_spectral(cfg: SpectralConfig, tracker) -> dict:
@@ -77,7 +67,7 @@ def run_spectral(cfg: SpectralConfig, tracker) -> dict:
         tracker.log_metrics({**summary["metrics"], **summary["per_layer_metrics"]})
         tracker.log_metrics({f"spectral/timing/{k}_s": v for k, v in summary["timings"].items()})
         tracker.log_artifacts(out, "spectral")
-        layer_names = _str_list(cfg.plot_layers) or _default_plot_layers(out)
+        layer_names = _str_list(cfg.plot_layers) or plots.middle_layer_matrices([out], ("mlp.down_proj", "self_attn.q_proj"), fallback=2)
         figures = {
             "plots/retention_adaptation.png": plots.plot_layer_curves(str(out), layer_names),
             "plots/effective_rank.png": plots.plot_effective_rank(str(out)),

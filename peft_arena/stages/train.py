@@ -37,13 +37,13 @@ def _prepare(cfg, stage: str, train: str, tracker):
     name = cfg.run_name or run_name(stage, train, cfg.adapter, label, cfg.domain, base.short)
     tracker.set_tags({**_lineage(cfg, train, label, base), "mlflow.runName": name})
     tracker.log_params({f"cfg.{k}": v for k, v in config_params(cfg).items() if k not in _NOT_PARAMS})
-    return Path(cfg.output_dir) / tracker.run_id
+    return Path(cfg.output_dir) / tracker.run_id, base
 
 
 def run_train_sft(cfg: SFTConfig, tracker) -> dict:
     from peft_arena.training.sft import train_sft
 
-    out = _prepare(cfg, "train_sft", "sft", tracker)
+    out, _ = _prepare(cfg, "train_sft", "sft", tracker)
     return train_sft(cfg, tracker, out)
 
 
@@ -52,8 +52,7 @@ def run_train_grpo(cfg: GRPOStageConfig, tracker) -> dict:
     from peft_arena.training.grpo import GRPORecipe, train_grpo
     from peft_arena.training.sft import default_data
 
-    out = _prepare(cfg, "train_grpo", "grpo", tracker)
-    base = resolve_base(cfg.base_model)
+    out, base = _prepare(cfg, "train_grpo", "grpo", tracker)
     known = {f.name for f in dataclasses.fields(GRPORecipe)}
     unknown = sorted(set(cfg.grpo_options) - known)
     if unknown:
