@@ -9,6 +9,7 @@ import pytest
 
 from peft_arena.config import PromoteConfig
 from peft_arena.models import ensure_tiny, load_model, load_tokenizer
+from peft_arena.tracking import aliases
 from peft_arena.tracking import registry as reg
 
 REPO = Path(__file__).resolve().parents[1]
@@ -131,7 +132,7 @@ def test_merge_failure_is_raised_and_nothing_is_registered(store, monkeypatch):
         client.set_registered_model_alias(name, alias, version)
         raise RuntimeError("alias store went away")
 
-    monkeypatch.setattr(reg, "move_alias", broken_move)
+    monkeypatch.setattr(aliases, "move_alias", broken_move)
     with pytest.raises(RuntimeError, match="alias store went away"):
         _promote(store, PromoteConfig(source_run=_training_run(store, seed=4)))
     assert {str(v.version) for v in client.search_model_versions("name = 'tiny-math'")} == before

@@ -1,0 +1,107 @@
+"""Aliases and scores on registry versions, each change written down on the version it concerns.
+
+* :func:`move_alias` moves ``candidate``/``champion`` and records who, when, why and on which scores.
+* :func:`record_scores` writes an evaluation's headline scores onto the version it evaluated.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import socket
+
+from peft_arena.tracking.versions import (ALIAS_HISTORY_TAG, EVAL_HISTORY_TAG, SCORE_KEYS, SCORE_TAG, TAG_LIMIT,
+                                          RegistryError, alias_holder, fit_tag, mlflow_client, now, require_version)
+
+
+
+def default_actor() -> str:
+    """Who moved an alias: ``user@host`` (stages append the run that did it)."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = os.environ.get("USER", "unknown")
+    return f"{user}@{socket.gethostname()}"
+
+
+
+
+def move_alias(name: str, alias: str, version: str | int, reason: str, scores: dict[str, float] | None = None,
+               actor: str | None = None) -> None:
+    """Point ``alias`` at ``version`` and record the move on the versions involved.
+
+    The new holder gets ``arena.alias.<alias>.set_at/set_by/why/scores`` and an entry in ``arena.alias_history``;
+    the previous holder (if another version) gets ``arena.alias.<alias>.removed_at/why`` and a history entry.
+    """
+    if not reason:
+        raise RegistryError("an alias move needs a reason (it is recorded on the version)")
+    client = mlflow_client()
+    version = str(version)
+    require_version(client, name, version)
+    actor = actor or default_actor()
+    at = now()
+    scores = {k: float(v) for k, v in (scores or {}).items()}
+    previous = alias_holder(client, name, alias)
+    client.set_registered_model_alias(name, alias, version)
+    prefix = f"arena.alias.{alias}."
+    if previous is not None and str(previous.version) != version:
+        why = f"{alias} moved to version {version}: {reason}"
+        client.set_model_version_tag(name, previous.version, prefix + "removed_at", at)
+        client.set_model_version_tag(name, previous.version, prefix + "removed_why", fit_tag(why))
+        _append_history(client, name, previous.version, ALIAS_HISTORY_TAG,
+                        {"alias": alias, "action": "removed", "at": at, "by": actor, "why": why})
+    for key, value in {"set_at": at, "set_by": actor, "why": reason, "scores": json.dumps(scores)}.items():
+        client.set_model_version_tag(name, version, prefix + key, fit_tag(value))
+    _append_history(client, name, version, ALIAS_HISTORY_TAG,
+                    {"alias": alias, "action": "set", "at": at, "by": actor, "why": reason, "scores": scores,
+                     "replaced_version": None if previous is None else str(previous.version)})
+
+
+def alias_history(name: str, version: str | int) -> list[dict]:
+    """Every recorded alias move on a version, oldest first."""
+    mv = require_version(mlflow_client(), name, str(version))
+    return json.loads(mv.tags.get(ALIAS_HISTORY_TAG, "[]"))
+
+
+def record_scores(name: str, version: str | int, scores: dict[str, float], eval_run_id: str,
+                  eval_key: str | None = None) -> None:
+    """Write an evaluation's headline scores on the version it evaluated (``arena.score.<key>`` tags).
+
+    ``scores`` keys may carry the metric prefix (``score/target_avg``) or not. The latest evaluation's scores
+    are the version's scores; every evaluation stays listed in ``arena.eval_history``.
+    """
+    client = mlflow_client()
+    version = str(version)
+    require_version(client, name, version)
+    clean = {k.removeprefix("score/"): float(v) for k, v in scores.items()}
+    unknown = set(clean) - set(SCORE_KEYS)
+    if unknown:
+        raise RegistryError(f"unknown score keys {sorted(unknown)}; record_scores takes {', '.join(SCORE_KEYS)}")
+    at = now()
+    for key, value in clean.items():
+        client.set_model_version_tag(name, version, SCORE_TAG + key, repr(round(value, 6)))
+    client.set_model_version_tag(name, version, "arena.scored_by_run", eval_run_id)
+    client.set_model_version_tag(name, version, "arena.scored_at", at)
+    if eval_key:
+        client.set_model_version_tag(name, version, "arena.eval_key", eval_key)
+    _append_history(client, name, version, EVAL_HISTORY_TAG,
+                    {"run": eval_run_id, "at": at, "eval_key": eval_key, "scores": clean})
+
+
+def version_scores(tags: dict[str, str]) -> dict[str, float]:
+    """The scores :func:`record_scores` wrote, read back from a version's tags."""
+    return {k[len(SCORE_TAG):]: float(v) for k, v in tags.items() if k.startswith(SCORE_TAG)}
+
+
+def _append_history(client, name: str, version: str, tag: str, entry: dict) -> None:
+    mv = client.get_model_version(name, version)
+    history = json.loads(mv.tags.get(tag, "[]"))
+    history.append(entry)
+    text = json.dumps(history)
+    while len(text) > TAG_LIMIT and len(history) > 1:  # keep the newest entries within MLflow's tag limit
+        history.pop(0)
+        text = json.dumps(history)
+    client.set_model_version_tag(name, version, tag, text)
+
+
