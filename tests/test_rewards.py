@@ -5,14 +5,10 @@ import time
 
 import pytest
 
+from peft_arena.answers import extract_choice
 from peft_arena.data import load_records
-from peft_arena.training.rewards import (
-    accuracy,
-    extract_option_letter,
-    format_reward,
-    math_reward,
-    med_mc_reward,
-)
+from peft_arena.evaluation.benchmarks import get_benchmark
+from peft_arena.training.rewards import accuracy, format_reward, math_reward, med_mc_reward
 
 SOLUTION = (
     "We add the fractions over the common denominator 6: $\\frac{3}{6} + \\frac{2}{6} = \\frac{5}{6}$.\n"
@@ -35,8 +31,13 @@ def chat(text):
     ("\\boxed{\\frac{\\sqrt{2}}{2}}", "\\frac{1}{\\sqrt{2}}", 1.0),  # nested braces
     ("\\boxed{4}", "3", 0.0),
     ("\\boxed{3.14}", "\\pi", 0.0),
-    ("The answer is 42.", "42", 0.0),                              # no box, no reward
-    ("\\boxed{42", "42", 0.0),                                     # unclosed box
+    ("The answer is 42.", "42", 1.0),                              # no box: the paper's "the answer is" fall-back
+    ("Step 3: we get 2 + 2 = 4.\nStep 4: unclear", "4", 0.0),      # a step label is not an answer
+    ("Adding them up gives 17 apples.", "17", 1.0),                 # last number of the last line
+    ("\\boxed{42", "42", 0.0),                                     # unclosed box: cut off, no answer
+    ("x \\boxed{\\varnothing}", "\\emptyset", 1.0),                  # math-verify's misses, fixed
+    ("\\boxed{x \\le 3}", "(-\\infty, 3]", 1.0),
+    ("\\boxed{0.0000002}", "0.0000001", 0.0),
     ("\\boxed{}", "42", 0.0),
     ("}}}{{{\\boxed{{{{ \x00\ufffd garbage $$$ \\frac{", "1", 0.0),
     ("", "1", 0.0),
@@ -57,20 +58,20 @@ def test_math_reward_huge_and_adversarial_inputs_return_quickly():
     assert elapsed < 10, f"rewards took {elapsed:.1f}s"
 
 
-def test_math_reward_off_the_main_thread_is_time_limited():
+def test_math_reward_off_the_main_thread_gives_the_same_verdicts():
+    """No signal.alarm and no helper process: a worker thread grades exactly like the main thread."""
+    completions = ["\\boxed{9^{9^{9}}}", "\\boxed{\\frac{2}{4}}", "\\boxed{x < 1 \\text{ or } x > 3}"]
+    truths = ["3", "\\frac{1}{2}", "(-\\infty, 1) \\cup (3, \\infty)"]
     results = {}
 
     def work():
-        start = time.time()
-        results["scores"] = math_reward(["\\boxed{9^{9^{9}}}", "\\boxed{\\frac{2}{4}}"], ["3", "\\frac{1}{2}"])
-        results["elapsed"] = time.time() - start
+        results["scores"] = math_reward(completions, truths)
 
     thread = threading.Thread(target=work)
     thread.start()
     thread.join(timeout=90)
     assert not thread.is_alive()
-    assert results["scores"] == [0.0, 1.0]
-    assert results["elapsed"] < 60  # includes starting the helper process once
+    assert results["scores"] == math_reward(completions, truths) == [0.0, 1.0, 1.0]
 
 
 def test_every_bundled_math_answer_earns_its_reward():
@@ -85,20 +86,35 @@ def test_every_bundled_med_answer_earns_its_reward():
     assert med_mc_reward([r["answer"] for r in records], wrong) == [0.0] * len(records)
 
 
-@pytest.mark.parametrize("text, letter", [
-    ("Scurvy is vitamin C deficiency, so the answer is \\boxed{C}.", "C"),
-    ("\\boxed{\\text{(B)}}", "B"),
-    ("\\boxed{D. Vitamin D}", "D"),
-    ("Thinking... The answer is (B). Because...", "B"),
-    ("Reasoning about the options.\nAnswer: E", "E"),
-    ("Long reasoning here.\n(C)", "C"),
-    ("A vaccine makes antibodies.", None),            # a sentence starting with "A" chose nothing
-    ("the answer is a tricky one", None),
-    ("\\boxed{vitamin}", None),                      # a box without a letter is a wrong answer
-    ("", None),
+PROMPT = "Which vitamin deficiency causes scurvy?\nA. Vitamin A\nB. Vitamin B12\nC. Vitamin C\nD. Vitamin D"
+
+
+@pytest.mark.parametrize("text, truth, expected", [
+    ("Scurvy is vitamin C deficiency, so the answer is \\boxed{C}.", "C", 1.0),
+    ("\\boxed{\\text{(B)}}", "B", 1.0),
+    ("\\boxed{D. Vitamin D}", "D", 1.0),
+    ("\\boxed{Vitamin C}", "C", 1.0),                   # the option's text in the box
+    ("Thinking... The answer is (B). Because...", "B", 1.0),
+    ("Reasoning about the options.\nAnswer: D", "D", 1.0),
+    ("The answer is B. On reflection, \\boxed{C}", "C", 1.0),  # the box wins
+    ("A vaccine makes antibodies.", "A", 0.0),           # a sentence starting with "A" chose nothing
+    ("\\boxed{vitamin}", "A", 0.0),                      # a box without an option is a wrong answer
+    ("", "A", 0.0),
 ])
-def test_extract_option_letter(text, letter):
-    assert extract_option_letter(text) == letter
+def test_med_reward(text, truth, expected):
+    assert med_mc_reward([text], [truth], prompts=[[{"role": "user", "content": PROMPT}]]) == [expected]
+
+
+def test_med_reward_and_benchmark_read_the_same_letter():
+    """Issue 14: the reward and the medical benchmarks used to extract letters differently."""
+    spec = get_benchmark("medqa")
+    options = {"A": "Vitamin A", "B": "Vitamin B12", "C": "Vitamin C", "D": "Vitamin D"}
+    item = {"options": options, "gold": "C"}
+    texts = ["The answer is B.\n\n\\boxed{C}", "I pick vitamin c", "no idea", "Answer: (C)", "\\boxed{Vitamin C}"]
+    for text in texts:
+        chosen, _ = extract_choice(text, options)
+        reward = med_mc_reward([text], ["C"], prompts=[PROMPT])[0]
+        assert spec.score(item, [text])["correct"] == reward == float(chosen == "C"), text
 
 
 def test_med_reward_accepts_worded_labels_and_garbage():

@@ -9,17 +9,11 @@ import numpy as np
 import pytest
 
 from peft_arena.evaluation.scorers.bbh import bbh_freeform_postprocess, bbh_mcq_postprocess, score_bbh
-from peft_arena.evaluation.scorers.choice import first_capital_postprocess, first_option_postprocess, match_choice
+from peft_arena.answers import extract_choice, extract_math_answer, last_boxed, math_equal
+from peft_arena.evaluation.scorers.choice import first_capital_postprocess, first_option_postprocess
 from peft_arena.evaluation.scorers.code_sandbox import humaneval_program, network_isolated, run_program
 from peft_arena.evaluation.scorers.ifeval import aggregate_ifeval, score_ifeval
-from peft_arena.evaluation.scorers.math_answer import (
-    extract_answer,
-    gsm8k_equal,
-    gsm8k_postprocess,
-    last_boxed,
-    math_equal,
-    score_math,
-)
+from peft_arena.evaluation.scorers.math_answer import gsm8k_equal, gsm8k_postprocess, score_math
 from peft_arena.evaluation.scorers.nq import general_postprocess, nq_correct
 from peft_arena.evaluation.scorers.passk import mean_pass_at_k, pass_at_k
 
@@ -97,19 +91,21 @@ def test_ifeval_loose_and_en_prefix_and_aggregate():
     ("\\frac{\\sqrt{2}}{2}", "\\boxed{\\frac{1}{\\sqrt{2}}}", True),
     ("42", "so the final answer is 42.", True),
     ("42", "The answer is 42", True),
-    ("42", "first 41 then 42", True),  # last number
+    ("42", "first 41 then 42", True),  # last number of the last line
+    ("4", "Step 3: 2 + 2 = 4\nStep 4: unclear", False),  # never a step label
     ("3", "\\boxed{4}", False),
     ("\\pi", "\\boxed{3.14}", False),
 ])
 def test_math_equivalence(gold, completion, ok):
-    assert math_equal(gold, extract_answer(completion)) is ok
+    assert math_equal(gold, extract_math_answer(completion).text) is ok
 
 
 def test_math_extraction_order_and_counts():
     assert last_boxed("a \\boxed{1} b \\boxed{\\frac{3}{4}} c") == "\\frac{3}{4}"
-    assert extract_answer("The answer is 7 but \\boxed{8}") == "8"
+    assert extract_math_answer("The answer is 7 but \\boxed{8}").text == "8"
     rec = score_math("8", ["\\boxed{8}", "\\boxed{7}", "eight is 8", ""])
     assert rec["sample_correct"] == [True, False, True, False] and rec["n_correct"] == 2 and rec["correct"] == 0.5
+    assert rec["rule"] == ["boxed", "boxed", "last_number", "none"] and rec["extracted"] == ["8", "7", "8", ""]
 
 
 def test_gsm8k_opencompass_extraction():
@@ -171,13 +167,18 @@ def test_nq_opencompass_cases():
 # --- multiple choice ---------------------------------------------------------------------------------------
 
 
-def test_med_match_choice():
+def test_med_extract_choice():
+    """The paper's match_choice order, box first, no similarity guess (docs/grading.md)."""
     options = {"A": "aspirin", "B": "heparin", "C": "warfarin", "D": "insulin"}
-    assert match_choice("First I thought A. The answer is C.", options) == ("C", 1)
-    assert match_choice("Hmm (B) fits, so \\boxed{D}", options) == ("D", 1)
-    assert match_choice("I would give warfarin here", options) == ("C", 2)
-    assert match_choice("hepparin", options) == ("B", 3)
-    assert match_choice("<think>A</think> final: B", options) == ("B", 1)
+    assert extract_choice("First I thought A. The answer is C.", options) == ("C", "answer_is")
+    assert extract_choice("Hmm (B) fits, so \\boxed{D}", options) == ("D", "box")
+    assert extract_choice("The answer is C, i.e. \\boxed{heparin}", options) == ("B", "box")
+    assert extract_choice("\\boxed{7}", options) == (None, "box")
+    assert extract_choice("I would give warfarin here", options) == ("C", "option_text")
+    assert extract_choice("hepparin", options) == (None, "none")  # med_eval guessed B by similarity
+    assert extract_choice("<think>A</think> final: B", options) == ("B", "letter")
+    assert extract_choice("The answer is E", options) == (None, "none")  # not one of the options
+    assert extract_choice("the answer is a tricky one", "ABCD") == (None, "none")
 
 
 def test_opencompass_option_extractors():

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-from peft_arena.data.answers import gsm8k_solution, is_gsm8k_answer, last_boxed
+from peft_arena.answers import last_boxed
+from peft_arena.data.answers import gsm8k_solution, is_gsm8k_answer
 
 DOMAINS = ("math", "med")
 

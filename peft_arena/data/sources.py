@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from peft_arena.data.answers import last_boxed
+from peft_arena.answers import last_boxed
 from peft_arena.data.schema import check_domain, normalise_row
 
 SAMPLES_DIR = Path(__file__).parent / "samples"

@@ -3,7 +3,7 @@
 Paper protocol (``eval/eval_math.sh`` → ``math_eval.py``): the ``qwen-boxed`` prompt in the model's chat template,
 temperature 0.6, top_p 1, 16 samples, up to 8192 new tokens, seed 0. ``acc`` is avg@n (the mean correctness over
 problem × sample, = expected pass@1); ``pass_at_k`` is the unbiased estimator for k ∈ {1, 2, 4, 8, 16}, k ≤ n.
-Answers: last ``\\boxed{}`` → "the answer is" → last number, judged by math-verify.
+Answers: the rule the GRPO reward uses too (``peft_arena.answers.math_answer``, ``docs/grading.md``).
 """
 
 from __future__ import annotations
@@ -11,23 +11,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from peft_arena.answers import last_boxed
 from peft_arena.evaluation.benchmarks import BenchmarkSpec, DataSource, GenerationSettings, LoadedItems, register
 from peft_arena.evaluation.common import boxed_chat
 from peft_arena.evaluation.data import BenchmarkDataError, local_copy, oe_docs, read_jsonl, sample_path
-from peft_arena.evaluation.scorers.math_answer import (
-    gsm8k_equal,
-    gsm8k_gold,
-    gsm8k_postprocess,
-    last_boxed,
-    score_math,
-)
+from peft_arena.evaluation.scorers.math_answer import gsm8k_equal, gsm8k_gold, gsm8k_postprocess, score_math
 from peft_arena.evaluation.scorers.passk import ks_for, mean_pass_at_k
 
 PAPER_MATH = GenerationSettings(temperature=0.6, n_samples=16, max_new_tokens=8192, top_p=1.0,
                                 stop=("</s>", "<|im_end|>", "<|endoftext|>", "\n\nQuestion:"))
 MATH_METRICS = ("acc", "pass_at_1", "pass_at_2", "pass_at_4", "pass_at_8", "pass_at_16")
-MATH_EXTRACTION = ("last \\boxed{} → 'the answer is' → 'final answer is' → last number; equivalence by math-verify "
-                   "(string, numeric, set/interval, symbolic)")
+MATH_EXTRACTION = ("last \\boxed{}/\\fbox{} → last 'the answer is'/'final answer is' (one sentence) → last "
+                   "number of the last line, never a step or list label; equivalence by math-verify with its known "
+                   "mistakes corrected (docs/grading.md); the same rule as the GRPO math reward")
 MATH_PROMPT = ("chat template; system 'You are a helpful assistant.'; user '<problem>\\nPlease reason step by step, "
                "and put your final answer within \\boxed{}.' (math_eval --prompt_type qwen-boxed, rendered with the "
                "evaluated model's own chat template)")
@@ -92,7 +88,9 @@ def _math_spec(name: str, title: str, source: DataSource, load) -> BenchmarkSpec
         build_prompt=_math_prompt, score=_math_score, aggregate=aggregate_math,
         prompt_description=MATH_PROMPT, extraction=MATH_EXTRACTION,
         reference_config="PEFT-Arena eval/eval_math.sh (math_eval.py, n_sampling 16, temperature 0.6)",
-        deviations="equivalence by math-verify instead of math_eval's grader.math_equal; the README's qwen-boxed "
+        deviations="equivalence by math-verify (corrected, docs/grading.md) instead of math_eval's grader.math_equal; "
+                   "'the answer is' takes one sentence and the last-number fall-back only the last line, skipping "
+                   "step labels (math_eval: the rest of the text, the last number anywhere); the README's qwen-boxed "
                    "prompt is used (which prompt the paper used is unverified); pass_at_k only for k <= n.",
     )
 

@@ -2,8 +2,9 @@
 
 Paper protocol (``eval/eval_med.sh`` → ``med_eval/main.py``): the Qwen prompt (system "You are a helpful
 assistant.", question + lettered options + "Please reason step by step, and put your final answer within
-\\boxed{}."), greedy decoding, up to 8192 new tokens, one sample; ``match_choice`` takes the last "answer is X",
-else the last standalone option letter, else the option text, else the most similar option. Accuracy per source;
+\\boxed{}."), greedy decoding, up to 8192 new tokens, one sample; the option letter is read by the rule the GRPO
+reward uses too (``peft_arena.answers.choice.extract_choice``: the paper's ``match_choice`` with the box first and
+without its similarity guess, ``docs/grading.md``). Accuracy per source;
 the domain average is the unweighted mean over sources (each benchmark here is one source).
 
 The paper's suite also names MMLU-Pro (medical), GPQA (medical), Lancet/NEJM/MedBullets and MedXpertQA; no
@@ -15,17 +16,18 @@ from __future__ import annotations
 import json
 import re
 
+from peft_arena.answers.choice import extract_choice
 from peft_arena.evaluation.benchmarks import BenchmarkSpec, DataSource, GenerationSettings, LoadedItems, register
 from peft_arena.evaluation.common import boxed_chat, mean_pct, options_block, subset_means
 from peft_arena.evaluation.data import BenchmarkDataError, arrow_rows, local_copy, oe_docs, read_jsonl, sample_path
-from peft_arena.evaluation.scorers.choice import match_choice
 
 MED_GENERATION = GenerationSettings(temperature=0.0, n_samples=1, max_new_tokens=8192,
                                     stop=("</s>", "<|im_end|>", "<|endoftext|>"))
 MED_PROMPT = ("chat template; system 'You are a helpful assistant.'; user '<question>\\nA. …\\nB. …\\nPlease reason "
               "step by step, and put your final answer within \\boxed{}.'")
-MED_EXTRACTION = ("med_eval match_choice: last 'answer is X' → last standalone option letter → option text "
-                  "mentioned last → most similar option (difflib)")
+MED_EXTRACTION = ("answers.choice.extract_choice (the GRPO reward's rule too): last \\boxed{} (letter or option "
+                  "text) → last 'answer is X' → last standalone option letter → option text mentioned last; else "
+                  "no answer")
 MMLU_MEDICAL = ("anatomy", "clinical_knowledge", "college_biology", "college_medicine", "medical_genetics",
                 "professional_medicine")
 
@@ -35,8 +37,8 @@ def _prompt(item: dict, loaded: LoadedItems) -> list[dict]:
 
 
 def _score(item: dict, completions: list[str]) -> dict:
-    pred, rule = match_choice(completions[0], item["options"])
-    return {"extracted": [pred], "rule": rule, "n_correct": int(pred == item["gold"]),
+    pred, rule = extract_choice(completions[0], item["options"])
+    return {"extracted": [pred or ""], "rule": rule, "n_correct": int(pred == item["gold"]),
             "correct": float(pred == item["gold"])}
 
 
@@ -51,8 +53,10 @@ def _spec(name: str, title: str, source: DataSource, load, aggregate=_acc, metri
         headline="acc", source=source, generation=MED_GENERATION, load=load, build_prompt=_prompt, score=_score,
         aggregate=aggregate, subset_key=subset_key, prompt_description=MED_PROMPT, extraction=MED_EXTRACTION,
         reference_config="PEFT-Arena eval/eval_med.sh (med_eval/main.py, greedy, max_tokens 8192)",
-        deviations=deviations or "items come from the public benchmark releases rather than the paper's "
-                                 "m1_eval_data_processed.json (unreadable, see reference §4.2)",
+        deviations=(deviations or "items come from the public benchmark releases rather than the paper's "
+                                  "m1_eval_data_processed.json (unreadable, see reference §4.2)")
+                   + "; extraction: the box is read first and a response naming no option scores 0 (med_eval's "
+                     "match_choice ignores boxes and guesses the most similar option)",
     )
 
 

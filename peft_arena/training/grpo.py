@@ -3,8 +3,9 @@
 The paper's RL protocol, kept: group size 8 with group-normalised advantages, clip ratio 0.2 on both sides
 plus a dual-clip bound of 3 (TRL's ``delta``), no KL term, no entropy bonus, token-mean loss aggregation,
 a constant learning rate (1e-5 adapters, 1e-6 full finetuning: each method's ``grpo_lr``), sampling at
-temperature 1.0, reward 1/0 for a correct/incorrect boxed answer. Lengths and batch sizes come from the recipe;
-the defaults are sized for the CPU demo, not the paper's 256 prompts × 8192 tokens.
+temperature 1.0, reward 1/0 for a correct/incorrect answer (read and judged by the benchmarks' rule,
+docs/grading.md). Lengths and batch sizes come from the recipe; the defaults are sized for the CPU demo, not the
+paper's 256 prompts × 8192 tokens.
 
 TRL's ``loss_type="dapo"`` is VeRL's ``token-mean``: the clipped per-token losses are summed over every
 completion token of the accumulated batch and divided by that token count (``"grpo"`` would average per

@@ -1,8 +1,7 @@
-"""Multiple-choice answer extraction.
+"""OpenCompass's multiple-choice extractors for the general benchmarks (each benchmark keeps its harness's rule).
 
-* :func:`match_choice` – the paper's medical scorer (``third_party/med_eval``, from the m1/HuatuoGPT-o1 eval):
-  last "answer is X", else the last standalone option letter, else the option text mentioned last, else the
-  option most similar to the response. The *last* match is the prediction.
+The medical suite's option extraction, shared with the GRPO reward, is ``peft_arena.answers.choice``.
+
 * :func:`first_option_postprocess` – OpenCompass's extractor for ARC-C, HellaSwag and WinoGrande gen configs
   (English patterns in OpenCompass's order; the Chinese-language patterns cannot match English prompts' answers
   except the generic tail ones, which are kept).
@@ -11,44 +10,7 @@
 
 from __future__ import annotations
 
-import difflib
 import re
-
-LETTERS = "ABCDEFGHIJKLMN"
-
-
-def _most_similar_index(options: list[str], text: str) -> int:
-    best, best_index = 0.0, 0
-    for i, option in enumerate(options):
-        similarity = difflib.SequenceMatcher(None, option, text).ratio()
-        if similarity >= best:  # ">=": ties go to the later option, as in the reference
-            best, best_index = similarity, i
-    return best_index
-
-
-def match_choice(text: str, options: dict[str, str]) -> tuple[str, int]:
-    """Predicted option letter and the rule that found it (1 letter, 2 option text, 3 similarity)."""
-    if "## Final Response\n\n" in text:
-        text = text.split("## Final Response\n\n")[-1]
-    elif "## Final Answer\n\n" in text:
-        text = text.split("## Final Answer\n\n")[-1]
-    elif "</think>" in text:
-        text = text.split("</think>")[-1]
-    matches = list(re.finditer(r"(answer is\s*?)([A-N])", text, re.S))
-    if matches:
-        return matches[-1].group(2), 1
-    letters = LETTERS[: len(options)]
-    matches = list(re.finditer(
-        r"([\u4e00-\u9fff]|is |是|项|\*|\W|\ |\(|为|^|'|\"|#)(?![aA] )([" + letters + r"])(\W|[\u4e00-\u9fff]|$)",
-        text, re.S))
-    if matches:
-        return matches[-1].group(2), 1
-    lowered = text.lower()
-    positions = [(k, lowered.rindex(v.lower())) for k, v in options.items() if v.lower() in lowered]
-    if positions:
-        return max(positions, key=lambda p: p[1])[0], 2
-    keys = list(options)
-    return keys[_most_similar_index([v.lower() for v in options.values()], lowered)], 3
 
 
 def first_option_postprocess(text: str, options: str, cushion: bool = True) -> str:

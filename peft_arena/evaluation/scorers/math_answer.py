@@ -1,86 +1,25 @@
-"""Math answers: extraction (last ``\\boxed{}``, "the answer is", last number) and equivalence via math-verify.
+"""Math benchmark scoring: per-problem records built on the shared extraction and grader (``peft_arena.answers``),
+plus OpenCompass's GSM8K protocol.
 
-Equivalence is judged by HF's ``math-verify`` (string, numeric, set/interval and symbolic comparison) instead of
-the paper's ``grader.math_equal``; both accept boxed, fraction, set and interval forms. math-verify uses
-``signal.alarm`` for its timeouts, which only works in the main thread; off the main thread we call it without
-timeouts (dependency-notes §4.4).
+MATH-500/AMC23/AIME24 and the GRPO math reward use one rule (``answers.math_answer``: last ``\\boxed{}`` →
+"the answer is" → last number of the last line, judged by math-verify with its known mistakes corrected; see
+``docs/grading.md``). GSM8K keeps OpenCompass's own extraction (``gsm8k_gen_1d7fe4``: the last number before the
+next "Question:"), because the paper ran GSM8K through OpenCompass (``eval_broad_general.sh``, reference §4.3).
 """
 
 from __future__ import annotations
 
 import re
-import threading
 
-from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
-
-
-def last_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{…}`` (or ``\\fbox{…}``) with balanced braces, else None."""
-    idx = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-    if idx < 0:
-        return None
-    start = text.find("{", idx)
-    if start < 0:
-        # "\boxed 5" form
-        m = re.match(r"\\boxed\s+([^\s$]+)", text[idx:])
-        return m.group(1) if m else None
-    depth = 0
-    for i in range(start, len(text)):
-        if text[i] == "{":
-            depth += 1
-        elif text[i] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[start + 1 : i]
-    return None
-
-
-_NUMBER = re.compile(r"-?\d[\d,]*\.?\d*|-?\.\d+")
-
-
-def extract_answer(text: str) -> str:
-    """The paper's extraction order: last ``\\boxed{}`` → "the answer is" → "final answer is" → last number."""
-    boxed = last_boxed(text)
-    if boxed is not None:
-        return boxed.strip()
-    for marker in ("he answer is", "final answer is"):
-        if marker in text:
-            tail = text.split(marker)[-1].strip()
-            tail = tail.split("\n")[0].strip().rstrip(".").strip()
-            return tail.strip("$ ")
-    numbers = _NUMBER.findall(text)
-    return numbers[-1].replace(",", "").rstrip(".") if numbers else ""
-
-
-def _timeouts() -> dict:
-    main = threading.current_thread() is threading.main_thread()
-    return {} if main else {"parsing_timeout": None}
-
-
-def _parse(text: str):
-    return parse(text, extraction_config=[LatexExtractionConfig(), ExprExtractionConfig()], **_timeouts())
-
-
-def math_equal(gold: str, prediction: str) -> bool:
-    """Is the extracted ``prediction`` equivalent to ``gold``? Both are bare answers (no ``\\boxed``)."""
-    if not prediction.strip():
-        return False
-    if prediction.strip() == gold.strip():
-        return True
-    gold_parsed = _parse(f"${gold}$")
-    pred_parsed = _parse(f"${prediction}$")
-    if not gold_parsed or not pred_parsed:
-        return False
-    kwargs = {} if threading.current_thread() is threading.main_thread() else {"timeout_seconds": None}
-    return bool(verify(gold_parsed, pred_parsed, **kwargs))
+from peft_arena.answers.math_answer import extract_math_answer, math_equal
 
 
 def score_math(gold: str, completions: list[str]) -> dict:
-    """Per-problem record: extracted answers, per-sample correctness, and the count of correct samples."""
-    extracted = [extract_answer(c) for c in completions]
-    flags = [math_equal(gold, e) for e in extracted]
-    return {"extracted": extracted, "sample_correct": flags, "n_correct": sum(flags),
-            "correct": sum(flags) / max(len(flags), 1)}
+    """Per-problem record: extracted answers, the rule that found each, per-sample correctness, correct count."""
+    answers = [extract_math_answer(c) for c in completions]
+    flags = [math_equal(gold, a.text) for a in answers]
+    return {"extracted": [a.text or "" for a in answers], "rule": [a.rule for a in answers],
+            "sample_correct": flags, "n_correct": sum(flags), "correct": sum(flags) / max(len(flags), 1)}
 
 
 # --- GSM8K (OpenCompass gsm8k_postprocess / Gsm8kEvaluator) ---------------------------------------------
