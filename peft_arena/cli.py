@@ -59,6 +59,14 @@ STAGE_HELP = {
         "Logs: leaderboard.csv, leaderboard.md, family_summary.csv, pareto.png (and the method grid) as "
         "artifacts of a report run; prints the leaderboard.",
     ),
+    "arena": (
+        "A sweep: train -> promote -> evaluate -> spectral for every (train, method, domain) as child runs of one "
+        "parent run, N chains at once (one per GPU), then the report. Re-running resumes it.",
+        "Logs: a parent run (arena.stage=arena) with sweep/plan.json, sweep/summary.{json,md}, one log per chain, "
+        "sweep/* counts and the failed chains in arena.sweep.failed and its description; each stage is a child run "
+        "(mlflow.parentRunId) tagged arena.sweep.chain and arena.sweep.config_hash. A re-run reuses stages that "
+        "FINISHED with the same configuration and retries the rest; --dry_run prints the plan and runs nothing.",
+    ),
 }
 
 
@@ -106,7 +114,8 @@ def _add_stage_parser(sub, stage: str, listings: bool) -> None:
             continue
         default = f.default if f.default is not dataclasses.MISSING else None
         flags = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
-        p.add_argument(*flags, dest=f.name, default=argparse.SUPPRESS, metavar=f.name.upper(),
+        flag_kwargs = {"nargs": "?", "const": "true"} if f.type in (bool, "bool") else {}  # `--dry_run` alone
+        p.add_argument(*flags, dest=f.name, default=argparse.SUPPRESS, metavar=f.name.upper(), **flag_kwargs,
                        help=f"{docs.get(f.name, '')} (default: {default!r})".replace("%", "%%"))
     if stage in ("train_sft", "train_grpo"):
         p.add_argument("--method", dest="adapter", default=argparse.SUPPRESS, help="alias of --adapter")
@@ -127,6 +136,8 @@ def _stage_runner(stage: str) -> Callable:
         from peft_arena.stages.evaluate import run_evaluate as fn
     elif stage == "spectral":
         from peft_arena.stages.spectral import run_spectral as fn
+    elif stage == "arena":
+        from peft_arena.stages.arena import run_arena as fn
     else:
         from peft_arena.stages.report import run_report as fn
     return fn
@@ -136,6 +147,12 @@ def run_stage(stage: str, recipe: str | None, overrides: dict) -> dict:
     """Resume/start the stage's MLflow run, build and validate its config inside it, run the stage."""
     from peft_arena.tracking.runs import arena_run
 
+    if stage == "arena" and not os.environ.get("MLFLOW_RUN_ID"):
+        cfg = build_config(stage, recipe, overrides)
+        if cfg.dry_run:  # a plan only: no run is created (under `mlflow run` the plan is logged to its run)
+            from peft_arena.stages.arena import dry_run
+
+            return {"run_id": None, **dry_run(cfg)}
     with arena_run(stage) as tracker:
         cfg = build_config(stage, recipe, overrides)
         result = _stage_runner(stage)(cfg, tracker)
@@ -156,7 +173,7 @@ def _cmd_stage(args, extra: list[str]) -> int:
         result = run_stage(args.stage, args.config or None, overrides)
     if args.json:
         print(json.dumps(result, indent=2, default=str))
-    else:
+    elif result.get("run_id"):
         print(f"[peft-arena] {args.stage} finished: run {result['run_id']}", file=sys.stderr)
     return 0
 

@@ -48,6 +48,10 @@ class SFTConfig:
     max_grad_norm: float = 1.0  # gradient clipping (paper)
     seed: int = 0  # model init, data order and sampling
     logging_steps: int = 1  # log the training curves every N optimizer steps
+    monitor_every: int = 0  # forgetting monitor: probe general retention every N optimizer steps (0 = off)
+    forgetting_budget: float = 0.0  # stop once the monitor's general NLL rose more than this many % (0 = none)
+    monitor_select: str = "last"  # final adapter: last (as trained) | pareto (chosen on the probes' front)
+    monitor_size: int = 16  # items per monitor probe set (general text, general choice, held-out target)
     output_dir: str = ".arena/outputs"  # local working folder; the adapter is logged to MLflow
     run_name: str = ""  # empty = descriptive name (sft-lora-r8-math-smollm2-135m)
 
@@ -66,6 +70,10 @@ class GRPOStageConfig:
     max_steps: int = 4  # GRPO optimizer steps
     lr: float = 0.0  # 0 = the method's default GRPO learning rate
     seed: int = 0  # model init, data order and sampling
+    monitor_every: int = 0  # forgetting monitor: probe general retention every N optimizer steps (0 = off)
+    forgetting_budget: float = 0.0  # stop once the monitor's general NLL rose more than this many % (0 = none)
+    monitor_select: str = "last"  # final adapter: last (as trained) | pareto (chosen on the probes' front)
+    monitor_size: int = 16  # items per monitor probe set (general text, general choice, held-out target)
     output_dir: str = ".arena/outputs"  # local working folder; the adapter is logged to MLflow
     run_name: str = ""  # empty = descriptive name (grpo-lora-r8a16-math-smollm2-135m)
 
@@ -128,6 +136,30 @@ class ReportConfig:
     run_name: str = ""
 
 
+@dataclass
+class ArenaConfig:
+    """A sweep: train → promote → evaluate → spectral for every (train, method, domain), then the report."""
+
+    methods: str = "lora"  # comma list of method registry names (`peft-arena methods`)
+    domains: str = "math"  # comma list of target domains: math, med
+    train: str = "sft"  # comma list of training kinds: sft, grpo
+    base_model: str = "smollm2-135m"  # the sweep's one base (short name, local folder or hub id)
+    stages: str = "train,promote,evaluate,spectral"  # what every chain runs (train first; order is fixed)
+    parallel: int = 1  # chains at once, one process each; 0 = one per GPU (1 without GPUs)
+    gpus: str = ""  # GPU ids for the chains (one chain per GPU); empty = CUDA_VISIBLE_DEVICES or every GPU
+    monitor_every: int = 0  # forgetting-monitor probe every N steps in every training (0 = off)
+    sft_set: str = ""  # overrides for every SFT training, e.g. "max_steps=20 limit=64"
+    grpo_set: str = ""  # overrides for every GRPO training, e.g. "max_steps=8 grpo.num_generations=4"
+    promote_set: str = ""  # overrides for every promotion
+    eval_set: str = ""  # overrides for every evaluation, e.g. "suite=med limit=8"
+    spectral_set: str = ""  # overrides for every spectral profile, e.g. "modules=down_proj"
+    report: bool = True  # run the report over the sweep's experiment at the end
+    fresh: bool = False  # run every stage again, even where a finished run has the same configuration
+    dry_run: bool = False  # print the plan (what runs, what is reused or retried) and run nothing
+    output_dir: str = ".arena/sweep"  # chain specs, outcomes and logs (also logged to the parent run)
+    run_name: str = ""  # empty = arena-<base>
+
+
 STAGE_CONFIGS = {
     "train_sft": SFTConfig,
     "train_grpo": GRPOStageConfig,
@@ -135,6 +167,7 @@ STAGE_CONFIGS = {
     "evaluate": EvalConfig,
     "spectral": SpectralConfig,
     "report": ReportConfig,
+    "arena": ArenaConfig,
 }
 
 # Dotted prefixes that collect into a dict field instead of a top-level field.

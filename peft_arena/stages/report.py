@@ -62,14 +62,53 @@ def run_report(cfg: ReportConfig, tracker) -> dict:
     if grid:
         tracker.log_artifact(grid)
 
+    monitor = _monitor_section(board, experiments, filters, out, tracker)
     front = board[board["on_front"].fillna(False)] if len(board) else board
     tracker.log_metrics({"report/models": float(len(board)), "report/on_front": float(len(front)),
                          "report/base_points": float(len(bases))})
     print(board_md if len(board) else "(no trained models evaluated yet)")
     if base_md:
         print("base models:\n" + base_md)
+    if monitor["runs"]:
+        print("forgetting monitor, probe vs final general score:\n" + monitor["statement"])
     return {"models": len(board), "on_front": front["model_uri"].dropna().tolist() if len(front) else [],
-            "output_dir": str(out.resolve()), "spectral_grid": str(grid) if grid else None}
+            "output_dir": str(out.resolve()), "spectral_grid": str(grid) if grid else None, "monitor": monitor}
+
+
+def _monitor_section(board, experiments, filters, out: Path, tracker) -> dict:
+    """Monitor curves of every monitored training run, one figure per domain (``monitor_<domain>.png``), and the
+    probe's rank correlation with the final general score (``monitor_trust.{md,json}``, ``report/monitor_*``)."""
+    import matplotlib.pyplot as plt
+
+    from peft_arena import monitor_report as mr
+
+    runs = mr.monitored_runs(experiments, **filters)
+    if not len(runs):
+        return {"runs": 0, "plots": [], "trust": [], "statement": ""}
+    histories = mr.curves(runs)
+    plots = []
+    for domain, group in runs.groupby(runs["tags.arena.domain"].fillna("unknown")):
+        fig = mr.plot_domain(domain, group, histories)
+        path = out / f"monitor_{domain}.png"
+        fig.savefig(path, dpi=130)
+        plt.close(fig)
+        tracker.log_artifact(path)
+        plots.append(str(path))
+    table = mr.trust_table(runs, board)
+    stats = mr.spearman(table)
+    statement = mr.trust_statement(stats)
+    (out / "monitor_trust.md").write_text(
+        "# How far to trust the forgetting monitor\n\nRank correlation, across the evaluated monitored runs in the "
+        "store, between the probe at the saved adapter and the final `score/general_delta_pp`:\n\n" + statement +
+        "\n\n" + (analysis.to_markdown(table) if len(table) else "(no monitored run has a general score yet)\n"))
+    tracker.log_artifact(out / "monitor_trust.md")
+    tracker.log_dict({"stats": stats, "runs": table.astype(object).where(table.notna(), None).to_dict("records")},
+                     "monitor_trust.json")
+    nll = stats[0]
+    tracker.log_metrics({"report/monitor_runs": float(len(runs)), "report/monitor_trust_n": float(nll["n"]),
+                         **({"report/monitor_trust_spearman": nll["spearman_rho"]}
+                            if nll["spearman_rho"] is not None else {})})
+    return {"runs": len(runs), "plots": plots, "trust": stats, "statement": statement}
 
 
 def _spectral_grid(board, experiments, out: Path) -> Path | None:

@@ -51,6 +51,7 @@ def run_train_grpo(cfg: GRPOStageConfig, tracker) -> dict:
     from peft_arena.data import load_records
     from peft_arena.training.grpo import GRPORecipe, train_grpo
     from peft_arena.training.sft import default_data
+    from peft_arena.training.monitor import attach_monitor
 
     out, base = _prepare(cfg, "train_grpo", "grpo", tracker)
     known = {f.name for f in dataclasses.fields(GRPORecipe)}
@@ -61,5 +62,7 @@ def run_train_grpo(cfg: GRPOStageConfig, tracker) -> dict:
     recipe = GRPORecipe(**{**cfg.grpo_options, "max_steps": cfg.max_steps, "seed": cfg.seed,
                            **({"learning_rate": cfg.lr} if cfg.lr else {})})
     records = load_records(cfg.data or default_data(cfg.domain), cfg.domain, limit=cfg.limit or None, seed=cfg.seed)
+    records, monitor = attach_monitor(cfg, records, tracker, out, train="grpo", domain=cfg.domain,
+                                      source=cfg.data or default_data(cfg.domain), seed=cfg.seed)
     return train_grpo(base.source, base.source, cfg.adapter, cfg.method_options, records, cfg.domain, recipe,
-                      str(out), tracker)
+                      str(out), tracker, extra_callbacks=monitor)

@@ -190,3 +190,14 @@ def download_latest_artifacts(df, artifact_path: str, dst: str | Path,
         except SearchError:
             shutil.rmtree(root / row["run_id"], ignore_errors=True)
     return out
+
+
+def metric_history(run_id: str, key: str) -> list[tuple[int, float]]:
+    """``(step, value)`` of every logged point of one metric of a run, by step (the newest value per step)."""
+    import mlflow
+
+    points: dict[int, tuple[int, float]] = {}
+    for m in mlflow.MlflowClient().get_metric_history(run_id, key):
+        if m.step not in points or m.timestamp >= points[m.step][0]:
+            points[m.step] = (m.timestamp, m.value)
+    return [(step, value) for step, (_, value) in sorted(points.items())]

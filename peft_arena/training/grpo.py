@@ -326,11 +326,12 @@ def grpo_settings(recipe: GRPORecipe, lr: float, backend: str) -> dict[str, Any]
 
 def train_grpo(model_source: str, tokenizer_source: str, method: str, method_options: dict, records: list[dict],
                domain: str, recipe: GRPORecipe, output_dir: str, tracker, *,
-               reward_funcs: list[Callable] | None = None) -> dict:
+               reward_funcs: list[Callable] | None = None, extra_callbacks: list | tuple = ()) -> dict:
     """Train ``method`` on ``records`` with GRPO; save the trained artifact under ``output_dir/adapter``.
 
     ``reward_funcs``: TRL reward functions to use instead of the domain's correctness reward (and the optional
     format reward); the first one is the one whose mean is logged as ``train/accuracy``.
+    ``extra_callbacks``: more TrainerCallbacks (the forgetting monitor, :mod:`peft_arena.training.monitor`).
 
     Returns adapter_dir, trainable_params, total_params, label, steps, final_reward, final_accuracy,
     first_reward, history (one dict of curves per logged step) and generation_backend.
@@ -431,7 +432,7 @@ def train_grpo(model_source: str, tokenizer_source: str, method: str, method_opt
     logging_callback = _arena_callback(tracker, recorder, recipe, correctness.__name__)
     trainer = GRPOTrainer(
         model=model, reward_funcs=reward_funcs, args=args, train_dataset=dataset, processing_class=tokenizer,
-        optimizers=(optimizer, None), callbacks=[*callbacks, logging_callback],
+        optimizers=(optimizer, None), callbacks=[*callbacks, logging_callback, *extra_callbacks],
     )
     trainer.train()
 

@@ -18,6 +18,7 @@ from peft_arena.methods import BuildContext, get_method
 from peft_arena.methods import ops
 from peft_arena.models import load_model, load_tokenizer, resolve_base
 from peft_arena.tracking.tracker import MlflowTracker
+from peft_arena.training.monitor import attach_monitor
 
 
 def default_data(domain: str) -> str:
@@ -74,6 +75,8 @@ def train_sft(cfg: SFTConfig, tracker, output_dir: str | Path) -> dict:
     records = drop_overlong(records, tokenizer, cfg.max_length)
     if not records:
         raise ValueError(f"no training example fits max_length={cfg.max_length}; raise max_length")
+    records, monitor = attach_monitor(cfg, records, tracker, output_dir, train="sft", domain=cfg.domain,
+                                      source=cfg.data or default_data(cfg.domain), seed=cfg.seed)
     steps_per_epoch = math.ceil(len(records) / (cfg.batch_size * cfg.grad_accum))
     total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(steps_per_epoch * cfg.epochs))
 
@@ -119,7 +122,7 @@ def train_sft(cfg: SFTConfig, tracker, output_dir: str | Path) -> dict:
     )
     optimizer = (spec.make_optimizer(model, options, lr, cfg.weight_decay, (0.9, cfg.adam_beta2))
                  if getattr(spec, "make_optimizer", None) else None)
-    callbacks = spec.callbacks(model, options, ctx) if getattr(spec, "callbacks", None) else []
+    callbacks = [*(spec.callbacks(model, options, ctx) if getattr(spec, "callbacks", None) else []), *monitor]
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=sft_dataset(records), processing_class=tokenizer,
         optimizers=(optimizer, None), callbacks=callbacks,

@@ -1,0 +1,1 @@
+"""Arena sweeps: the plan (chains and config hashes), one process per chain, parallel slots and GPUs."""
