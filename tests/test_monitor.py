@@ -130,3 +130,21 @@ def test_grpo_monitor_scores_the_rl_prompts(tmp_path, tiny_source):
     run_train_grpo(cfg, tracker)
     assert _steps(tracker, "monitor/target_nll") == [0, 1, 2]
     assert tracker.tags["arena.monitor.target_heldout"].startswith("2 records of math-sample")
+
+
+def test_probe_trust_is_a_spearman_correlation_with_n():
+    import pandas as pd
+
+    from peft_arena.monitor_report import spearman, trust_statement
+
+    table = pd.DataFrame({"general_delta_pp": [-1.0, -5.0, -3.0, 0.5],
+                          "neg_general_nll_rise_pct": [-0.2, -4.0, -1.0, 0.1],  # same order: rho = +1
+                          "general_mc_delta_pp": [0.0, 6.25, 0.0, -6.25]})
+    nll, mc = spearman(table)
+    assert nll["n"] == 4 and nll["spearman_rho"] == pytest.approx(1.0)
+    assert mc["n"] == 4 and mc["spearman_rho"] == pytest.approx(-4.5 / 22.5 ** 0.5)  # ties get average ranks
+    text = trust_statement([nll, mc])
+    assert "ρ = +1.00 over n = 4 runs (strong)" in text and "wrong sign" in text
+    few = spearman(table.head(2))
+    assert few[0]["n"] == 2 and few[0]["spearman_rho"] is None
+    assert "only 2 monitored run(s)" in trust_statement(few)
