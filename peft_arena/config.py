@@ -52,6 +52,8 @@ class SFTConfig:
     forgetting_budget: float = 0.0  # stop once the monitor's general NLL rose more than this many % (0 = none)
     monitor_select: str = "last"  # final adapter: last (as trained) | pareto (chosen on the probes' front)
     monitor_size: int = 16  # items per monitor probe set (general text, general choice, held-out target)
+    num_processes: int = 1  # > 1: accelerate launch with this many processes (GPUs); rank 0 logs
+    distributed: str = "ddp"  # with num_processes > 1: ddp | fsdp (FSDP2) | deepspeed (ZeRO-3) | accelerate YAML
     output_dir: str = ".arena/outputs"  # local working folder; the adapter is logged to MLflow
     run_name: str = ""  # empty = descriptive name (sft-lora-r8-math-smollm2-135m)
 
@@ -74,6 +76,8 @@ class GRPOStageConfig:
     forgetting_budget: float = 0.0  # stop once the monitor's general NLL rose more than this many % (0 = none)
     monitor_select: str = "last"  # final adapter: last (as trained) | pareto (chosen on the probes' front)
     monitor_size: int = 16  # items per monitor probe set (general text, general choice, held-out target)
+    num_processes: int = 1  # > 1: accelerate launch with this many processes (GPUs); rank 0 logs
+    distributed: str = "ddp"  # with num_processes > 1: ddp | fsdp (FSDP2) | deepspeed (ZeRO-3) | accelerate YAML
     output_dir: str = ".arena/outputs"  # local working folder; the adapter is logged to MLflow
     run_name: str = ""  # empty = descriptive name (grpo-lora-r8a16-math-smollm2-135m)
 

@@ -70,12 +70,13 @@ def _embedding_params(model) -> int:
 
 
 def save_trained(model, method: str | MethodSpec, options: dict, out_dir: str | Path, *, base_model: str,
-                 base_source: str, tokenizer=None) -> Path:
+                 base_source: str, tokenizer=None, state_dict: dict | None = None) -> Path:
     """Write the trained-artifact folder of ``model`` (as trained by ``method`` with ``options``); returns it.
 
     PiSSA/MiLoRA rewrote the base weights in memory; their adapter is converted by peft to a rank-2r LoRA on the
     original base (``path_initial_model_for_weight_conversion``), so the folder loads on the untouched base.
     A method with its own ``save_adapter`` (KeepLoRA: (B − B₀, A₀) when the base was offset) writes the folder itself.
+    ``state_dict``: the full (gathered) weights when ``model``'s own parameters are sharded (FSDP, ZeRO-3).
     """
     from peft import PeftModel
 
@@ -85,9 +86,11 @@ def save_trained(model, method: str | MethodSpec, options: dict, out_dir: str | 
     if spec.name == "full":
         if isinstance(model, PeftModel):
             raise MethodError("method 'full' was given a PEFT model; save it under its adapter method")
-        model.save_pretrained(out)
+        model.save_pretrained(out, state_dict=state_dict)
     elif not isinstance(model, PeftModel):
         raise MethodError(f"method {spec.name!r} trains an adapter, but the model to save carries none")
+    elif state_dict is not None and (spec.save_adapter is not None or spec.rewrites_base):
+        raise MethodError(f"{spec.name}: its adapter is written from the live unsharded model, not a state dict")
     elif spec.save_adapter is not None:
         spec.save_adapter(model, options, out)
     elif spec.rewrites_base:
@@ -96,7 +99,7 @@ def save_trained(model, method: str | MethodSpec, options: dict, out_dir: str | 
                               "build?); without it the adapter only fits the residual base, so nothing was saved")
         _save_converted(model, out)
     else:
-        model.save_pretrained(out)
+        model.save_pretrained(out, state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     record = {"method": spec.name, "options": options, "base_model": base_model, "base_source": base_source,

@@ -106,6 +106,42 @@ def side_run(stage: str, run_name: str, tags: dict | None = None) -> Iterator[Ml
         client.set_terminated(run.info.run_id, "FINISHED")
 
 
+@contextmanager
+def launcher_run(stage: str) -> Iterator[str]:
+    """The run of a multi-process training job, held by the process that launches the workers; yields its id.
+
+    Takes the run ``mlflow run`` created (``MLFLOW_RUN_ID``) or creates one. Rank 0 of the launched job resumes
+    it, logs into it and ends it. If the launcher raises (a bad config, a worker that died) while the run is still
+    open, the run ends FAILED with the reason; a reason rank 0 already recorded is kept.
+    """
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if not run_id:
+        run_id = client.create_run(_experiment_id(mlflow), tags={"arena.stage": stage, **versions()}).info.run_id
+    try:
+        yield run_id
+    except BaseException as exc:
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_tag(run_id, ERROR_TAG, (f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)[:8000])
+            client.log_text(run_id, "".join(traceback.format_exception(exc)), "error.txt")
+            client.set_terminated(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+    status = client.get_run(run_id).info.status
+    if status != "FINISHED":
+        client.set_tag(run_id, ERROR_TAG, f"the training processes exited without finishing the run ({status})")
+        client.set_terminated(run_id, "FAILED")
+        raise RuntimeError(f"the training processes exited but run {run_id} is {status}, not FINISHED")
+
+
+def run_metrics(run_id: str) -> dict[str, float]:
+    """Latest value of every metric of a run."""
+    import mlflow
+
+    return dict(mlflow.MlflowClient().get_run(run_id).data.metrics)
+
+
 def run_tags(run_id: str) -> dict[str, str]:
     """Tags of a run (lineage lookups: what base a training run used)."""
     import mlflow

@@ -68,6 +68,19 @@ class MemoryTracker:
         return self.metrics[metric_key(key)][-1][1]
 
 
+class NullTracker:
+    """What a training process other than rank 0 logs through: nothing. Rank 0 logs for the whole job, so the
+    run gets one set of params, metrics and artifacts; ``run_id`` is the shared run's (output folders agree)."""
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+
+    def __getattr__(self, name: str):
+        if name.startswith(("log_", "set_")):
+            return lambda *args, **kwargs: None
+        raise AttributeError(name)
+
+
 class MlflowTracker:
     """Logs into one MLflow run (the active run the entry point resumed or started)."""
 

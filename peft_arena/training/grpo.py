@@ -40,6 +40,7 @@ from peft_arena.methods import BuildContext, MethodError, get_method
 from peft_arena.methods import ops
 from peft_arena.models import load_model, load_tokenizer, short_name
 from peft_arena.tracking.tracker import MlflowTracker
+from peft_arena.training import distributed
 from peft_arena.training.rewards import completion_text, correctness_reward, format_reward
 
 COMPLETIONS_TABLE = "grpo/completions.json"
@@ -439,8 +440,10 @@ def train_grpo(model_source: str, tokenizer_source: str, method: str, method_opt
     trained = trainer.model
     if recipe.beta and "ref" in getattr(trained, "peft_config", {}):
         trained.delete_adapter("ref")  # TRL's frozen KL reference is not part of the result
-    adapter_dir = ops.save_trained(trained, spec, options, out / "adapter", base_model=short_name(model_source),
-                                   base_source=model_source, tokenizer=tokenizer)
+    tracker.set_tags(distributed.describe(trainer))
+    adapter_dir = distributed.save_trained(trainer, trained, spec, options, out / "adapter",
+                                           base_model=short_name(model_source), base_source=model_source,
+                                           tokenizer=tokenizer)
     tracker.log_artifacts(adapter_dir, "adapter")
 
     history = logging_callback.history

@@ -18,6 +18,7 @@ from peft_arena.methods import BuildContext, get_method
 from peft_arena.methods import ops
 from peft_arena.models import load_model, load_tokenizer, resolve_base
 from peft_arena.tracking.tracker import MlflowTracker
+from peft_arena.training import distributed
 from peft_arena.training.monitor import attach_monitor
 
 
@@ -130,8 +131,9 @@ def train_sft(cfg: SFTConfig, tracker, output_dir: str | Path) -> dict:
     result = trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
-    adapter_dir = ops.save_trained(trainer.model, spec, options, out / "adapter", base_model=base.short,
-                                   base_source=base.source, tokenizer=tokenizer)
+    tracker.set_tags(distributed.describe(trainer))
+    adapter_dir = distributed.save_trained(trainer, trainer.model, spec, options, out / "adapter",
+                                           base_model=base.short, base_source=base.source, tokenizer=tokenizer)
     tracker.log_artifacts(adapter_dir, "adapter")
     summary = {
         "train/first_loss": losses[0] if losses else float("nan"),
