@@ -185,7 +185,7 @@ def _launch(stage: str, recipe: str | None, overrides: dict, argv: list[str]) ->
 
     with launcher_run(stage) as run_id:
         cfg = build_config(stage, recipe, overrides)
-        distributed.check_method(cfg.distributed, get_method(cfg.adapter))
+        distributed.check_strategy(cfg.distributed, get_method(cfg.adapter))
         code = distributed.launch(stage.replace("_", "-"), [a for a in argv if a != "--json"], cfg.num_processes,
                                   cfg.distributed, run_id)
         if code != 0:

@@ -69,6 +69,20 @@ def distributed_type(strategy: str) -> str:
     return str(data.get("distributed_type", "MULTI_GPU")).upper()
 
 
+def check_strategy(strategy: str, method_spec, cuda: bool | None = None) -> None:
+    """Fail before launching what cannot run as asked (never let it quietly run as something else)."""
+    kind = distributed_type(strategy)
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    if kind in ("FSDP", "DEEPSPEED") and not cuda:
+        raise ValueError(f"distributed={strategy} ({kind}) needs GPUs: accelerate runs FSDP and DeepSpeed only on "
+                         "accelerators (on CPU it would quietly fall back to plain data parallel); use "
+                         "distributed=ddp here")
+    check_method(strategy, method_spec)
+
+
 def check_method(strategy: str, method_spec) -> None:
     """Fail before launching when a method cannot be saved from sharded parameters.
 
@@ -133,6 +147,10 @@ def describe(trainer) -> dict[str, str]:
     from accelerate.utils import DistributedType
 
     acc = trainer.accelerator
+    for flag, wanted in (("ACCELERATE_USE_FSDP", DistributedType.FSDP), ("ACCELERATE_USE_DEEPSPEED", DistributedType.DEEPSPEED)):
+        if os.environ.get(flag, "false").lower() == "true" and acc.distributed_type != wanted:
+            raise RuntimeError(f"{wanted.value} was asked for but accelerate set up {acc.distributed_type.value}; "
+                               "refusing to train under a different engine than the one requested")
     tags = {"arena.num_processes": str(acc.num_processes), "arena.distributed": str(acc.distributed_type.value)}
     if acc.distributed_type == DistributedType.FSDP:
         tags["arena.fsdp_version"] = str(acc.state.fsdp_plugin.fsdp_version)

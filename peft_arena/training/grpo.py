@@ -435,12 +435,12 @@ def train_grpo(model_source: str, tokenizer_source: str, method: str, method_opt
         model=model, reward_funcs=reward_funcs, args=args, train_dataset=dataset, processing_class=tokenizer,
         optimizers=(optimizer, None), callbacks=[*callbacks, logging_callback, *extra_callbacks],
     )
+    tracker.set_tags(distributed.describe(trainer))  # also refuses an engine other than the one asked for
     trainer.train()
 
     trained = trainer.model
     if recipe.beta and "ref" in getattr(trained, "peft_config", {}):
         trained.delete_adapter("ref")  # TRL's frozen KL reference is not part of the result
-    tracker.set_tags(distributed.describe(trainer))
     adapter_dir = distributed.save_trained(trainer, trained, spec, options, out / "adapter",
                                            base_model=short_name(model_source), base_source=model_source,
                                            tokenizer=tokenizer)

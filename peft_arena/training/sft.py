@@ -128,10 +128,10 @@ def train_sft(cfg: SFTConfig, tracker, output_dir: str | Path) -> dict:
         model=model, args=args, train_dataset=sft_dataset(records), processing_class=tokenizer,
         optimizers=(optimizer, None), callbacks=callbacks,
     )
+    tracker.set_tags(distributed.describe(trainer))  # also refuses an engine other than the one asked for
     result = trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
-    tracker.set_tags(distributed.describe(trainer))
     adapter_dir = distributed.save_trained(trainer, trainer.model, spec, options, out / "adapter",
                                            base_model=base.short, base_source=base.source, tokenizer=tokenizer)
     tracker.log_artifacts(adapter_dir, "adapter")
