@@ -195,6 +195,8 @@ def plot_pareto(df: pd.DataFrame, base_df: pd.DataFrame | None = None):
     for ax, (domain, base) in zip(axes[0], keys):
         sub = df[(df["domain"] == domain) & (df["base"] == base)]
         for _, r in sub.iterrows():
+            if pd.isna(r["general"]) or pd.isna(r["target"]):  # a suite without a general (or target) benchmark
+                continue
             ax.scatter(r["general"], r["target"], s=46, color=colors.get(r.get("family"), "grey"),
                        marker=markers.get(r.get("train"), "s"), edgecolor="black", linewidth=0.4, zorder=3)
             ax.annotate(model_name(r), (r["general"], r["target"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
@@ -207,6 +209,8 @@ def plot_pareto(df: pd.DataFrame, base_df: pd.DataFrame | None = None):
         for _, b in bsub.iterrows():
             target = b.get(f"target_{domain}")
             target = b["target"] if target is None or pd.isna(target) else target
+            if pd.isna(b["general"]) or pd.isna(target):
+                continue
             ax.scatter(b["general"], target, s=160, marker="*", color="black", zorder=4, label="base model")
             ax.axvline(b["general"], color="black", linestyle=":", linewidth=0.8)
             ax.axhline(target, color="black", linestyle=":", linewidth=0.8)
