@@ -15,7 +15,7 @@ from peft_arena.sweep.plan import plan_chains, stage_inputs
 REPO = Path(__file__).resolve().parent.parent
 EXPERIMENT = "arena-sweep-test"
 SWEEP = {"methods": "lora,bogus", "domains": "med", "train": "sft", "base_model": "tiny", "parallel": "2",
-         "monitor_every": "1", "sft_set": "max_steps=2 limit=8",
+         "gpus": "0,1", "monitor_every": "1", "sft_set": "max_steps=2 limit=8",
          "eval_set": "suite=medqa,nq limit=1 max_new_tokens=8"}
 
 
@@ -133,6 +133,20 @@ def test_failed_chain_fails_alone_and_the_parent_names_it(sweep):
     statuses = {c["chain"]: c["status"] for c in summary["chains"]}
     assert statuses == {"sft-lora-med": "finished", "sft-bogus-med": "failed"}
     assert parent.data.metrics["sweep/failed"] == 1 and parent.data.metrics["sweep/stages_run"] == 5
+    # two chains at once, each on its own GPU slot (CUDA_VISIBLE_DEVICES; a CPU torch ignores it)
+    assert tags["arena.sweep.gpus"] == "0,1" and tags["arena.sweep.parallel"] == "2"
+    assert sorted(c["device"] for c in summary["chains"]) == ["0", "1"]
+
+
+def test_gpu_slots_round_robin(monkeypatch):
+    from peft_arena.sweep.execute import chain_env, slot_devices, visible_gpus
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert visible_gpus("") == ["2", "3"] and visible_gpus("5, 6") == ["5", "6"]
+    assert slot_devices(3, ["2", "3"]) == ["2", "3", "2"] and slot_devices(2, []) == [None, None]
+    assert chain_env("7", "3")["CUDA_VISIBLE_DEVICES"] == "3" and chain_env("7", "3")["MLFLOW_EXPERIMENT_ID"] == "7"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
+    assert visible_gpus("") == []
 
 
 def test_monitor_runs_in_the_sweep_and_the_report_overlays_it(sweep):
