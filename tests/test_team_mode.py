@@ -92,7 +92,7 @@ def team(tmp_path_factory):
         work.mkdir()
         yield {"env": client_env, "script_env": env, "work": work, "root": root}
     finally:
-        _script("down", env, timeout=120)
+        _script("destroy", env, timeout=120)  # stops everything and deletes the throwaway cluster and bucket
 
 
 # ------------------------------------------------------------------------------------------------ helpers

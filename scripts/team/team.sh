@@ -6,6 +6,7 @@
 #   scripts/team/team.sh up        # start what is not running; initialise on first use; write $TEAM_DIR/env
 #   scripts/team/team.sh down      # stop all three; the data stays for the next `up`
 #   scripts/team/team.sh status    # what runs, on which ports
+#   scripts/team/team.sh destroy   # down, then delete all team-mode data (databases, bucket, secrets)
 #
 # `make team-up` / `make team-down` call this. State (databases, bucket, logs, pids, generated secrets) lives in
 # $TEAM_DIR (default .team/ in the repository). Clients: `source .team/env` (MLFLOW_TRACKING_URI and credentials).
@@ -192,7 +193,14 @@ down() {
     local PGDATA; PGDATA="$(cat "$TEAM_DIR/pg-location")/data"
     if [ -f "$PGDATA/postmaster.pid" ]; then as_pg "$(pgbin)/pg_ctl" -D "$PGDATA" -m fast -w stop >/dev/null || true; fi
   fi
-  log "down (data kept in $TEAM_DIR; remove the folder to start empty)"
+  log "down (data kept in $TEAM_DIR; \`scripts/team/team.sh destroy\` deletes it)"
+}
+
+destroy() {
+  down
+  if [ -f "$TEAM_DIR/pg-location" ]; then rm -rf "$(cat "$TEAM_DIR/pg-location")"; fi
+  rm -rf "$TEAM_DIR"
+  log "destroyed: $TEAM_DIR and its PostgreSQL cluster are gone"
 }
 
 status() {
@@ -206,6 +214,6 @@ status() {
 }
 
 case "${1:-}" in
-  install|up|down|status) "$1" ;;
-  *) echo "usage: $0 install|up|down|status" >&2; exit 2 ;;
+  install|up|down|status|destroy) "$1" ;;
+  *) echo "usage: $0 install|up|down|status|destroy" >&2; exit 2 ;;
 esac
