@@ -445,6 +445,7 @@ def train_grpo(model_source: str, tokenizer_source: str, method: str, method_opt
                                            base_model=short_name(model_source), base_source=model_source,
                                            tokenizer=tokenizer)
     tracker.log_artifacts(adapter_dir, "adapter")
+    trainer.accelerator.wait_for_everyone()  # rank 0 has uploaded the adapter before any process cleans up
 
     history = logging_callback.history
     rewards = [h["train/reward"] for h in history if "train/reward" in h]

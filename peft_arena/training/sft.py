@@ -141,5 +141,6 @@ def train_sft(cfg: SFTConfig, tracker, output_dir: str | Path) -> dict:
         "train/runtime_s": result.metrics.get("train_runtime", float("nan")),
     }
     tracker.log_metrics(summary)
+    trainer.accelerator.wait_for_everyone()  # rank 0 has uploaded the adapter before any process cleans up
     return {"adapter_dir": str(adapter_dir), "trainable_params": trainable, "total_params": total,
             "label": spec.label(options), "losses": losses, "steps": total_steps, **summary}
