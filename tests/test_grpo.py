@@ -80,10 +80,13 @@ def test_generation_backend_selection():
 
 
 def test_vllm_settings_colocate_or_server():
-    assert vllm_settings(GRPORecipe()) == {"use_vllm": True, "vllm_mode": "colocate",
-                                           "vllm_gpu_memory_utilization": 0.3}
-    server = vllm_settings(GRPORecipe(vllm_server_base_url="http://gpu1:8000"))
+    assert vllm_settings(GRPORecipe(vllm_max_model_length="9216")) == {
+        "use_vllm": True, "vllm_mode": "colocate", "vllm_gpu_memory_utilization": 0.3,
+        "vllm_max_model_length": 9216, "vllm_tensor_parallel_size": 1}
+    server = vllm_settings(GRPORecipe(vllm_server_base_url="http://gpu1:8000"), cuda=True)
     assert server == {"use_vllm": True, "vllm_mode": "server", "vllm_server_base_url": "http://gpu1:8000"}
+    with pytest.raises(RuntimeError, match="needs the trainer on a CUDA GPU"):
+        vllm_settings(GRPORecipe(vllm_server_base_url="http://gpu1:8000"), cuda=False)
     with pytest.raises(ValueError, match="vllm_server_base_url"):
         vllm_settings(GRPORecipe(vllm_mode="server"))
 

@@ -126,15 +126,17 @@ def _log(progress: bool, message: str) -> None:
 
 def evaluate_model(model_path: str, benchmarks: list[BenchmarkSpec], *, limit: int | None = None,
                    n_samples: int | None = None, max_new_tokens: int | None = None, backend: str = "auto",
-                   batch_size: int = 8, seed: int = 0, data_dir: str | None = None, progress: bool = True,
-                   data_paths: dict[str, str] | None = None) -> SuiteResult:
+                   batch_size: int = 0, seed: int = 0, data_dir: str | None = None, progress: bool = True,
+                   data_paths: dict[str, str] | None = None, engine_options: dict | None = None) -> SuiteResult:
     """Evaluate the HF model folder ``model_path`` on ``benchmarks``.
 
     ``limit`` caps items per benchmark (provenance becomes ``subset(n)``), ``n_samples`` overrides the sample
     count of sampled benchmarks, ``max_new_tokens`` caps generation, ``data_dir`` replaces
     ``$PEFT_ARENA_DATA_DIR`` and ``data_paths`` gives a benchmark-specific file/folder (``{"bbh": "/data/bbh"}``).
+    ``engine_options`` go to :func:`make_backend` (dtype, max_batch_tokens, max_model_len, tensor_parallel_size,
+    gpu_memory_utilization, base_url). The engine is closed before this returns, so the next one (the base
+    model's) starts on a free device.
     """
-    import pandas as pd
 
     data_paths = data_paths or {}
     unknown = set(data_paths) - {b.name for b in benchmarks}
@@ -155,9 +157,22 @@ def evaluate_model(model_path: str, benchmarks: list[BenchmarkSpec], *, limit: i
         provenance[spec.name] = (f"subset({len(items)})" if truncated and data.provenance == "full"
                                  else f"{data.provenance}" if not truncated else f"{data.provenance}:subset({len(items)})")
 
-    engine = make_backend(model_path, backend=backend, batch_size=batch_size, progress=progress, seed=seed)
+    engine = make_backend(model_path, backend=backend, batch_size=batch_size, progress=progress, seed=seed,
+                          **(engine_options or {}))
+    try:
+        return _run_suite(engine, benchmarks, selected, loaded, provenance, limit, n_samples, max_new_tokens, seed,
+                          progress)
+    finally:
+        engine.close()
+
+
+def _run_suite(engine, benchmarks, selected, loaded, provenance, limit, n_samples, max_new_tokens, seed, progress):
+    import pandas as pd
+
     settings: dict = {"protocol_version": PROTOCOL_VERSION, "backend": engine.name, "seed": seed, "limit": limit,
                       "benchmarks": {}}
+    if engine.describe().get("dtype") not in (None, "float32", "auto"):
+        settings["dtype"] = engine.describe()["dtype"]  # reduced precision can change scores; fp32 keeps old keys
     per_benchmark: dict[str, dict[str, float]] = {}
     metrics: dict[str, float] = {}
     samples: dict[str, object] = {}

@@ -52,6 +52,9 @@ def _evaluate(path: str, benchmarks, cfg: EvalConfig):
         path, benchmarks, limit=cfg.limit or None, n_samples=cfg.n_samples or None,
         max_new_tokens=cfg.max_new_tokens or None, backend=cfg.backend, batch_size=cfg.batch_size,
         seed=cfg.seed, data_dir=cfg.data_dir or None,
+        engine_options={"dtype": cfg.dtype, "max_batch_tokens": cfg.max_batch_tokens,
+                        "max_model_len": cfg.max_model_len, "tensor_parallel_size": cfg.tensor_parallel_size,
+                        "gpu_memory_utilization": cfg.gpu_memory_utilization, "base_url": cfg.base_url},
     )
 
 

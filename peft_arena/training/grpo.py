@@ -95,6 +95,8 @@ class GRPORecipe:
     vllm_mode: str = "auto"  # auto: "server" when vllm_server_base_url is set, else "colocate"
     vllm_gpu_memory_utilization: float = 0.3  # colocate mode: share of GPU memory vLLM may take
     vllm_server_base_url: str | None = None  # server mode: a running `trl vllm-serve` (e.g. on another GPU)
+    vllm_max_model_length: int | None = None  # colocate mode: vLLM context (None: the model's own; paper 9216)
+    vllm_tensor_parallel_size: int = 1  # colocate mode: GPUs per vLLM engine
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(GRPORecipe)
@@ -156,8 +158,12 @@ def generation_backend(use_vllm: str, vllm_installed: bool | None = None) -> str
     return "vllm" if installed else "transformers"
 
 
-def vllm_settings(recipe: GRPORecipe) -> dict[str, Any]:
-    """GRPOConfig's vLLM fields: colocate on the training GPU, or a separate `trl vllm-serve` server."""
+def vllm_settings(recipe: GRPORecipe, cuda: bool | None = None) -> dict[str, Any]:
+    """GRPOConfig's vLLM fields: colocate on the training GPU, or a separate `trl vllm-serve` server.
+
+    Server mode pushes the policy's weights into the server after every update through vLLM's NCCL
+    weight-transfer engine (TRL's client), which needs the trainer on a CUDA device: refused up front elsewhere.
+    """
     mode = recipe.vllm_mode
     if mode == "auto":
         mode = "server" if recipe.vllm_server_base_url else "colocate"
@@ -165,9 +171,14 @@ def vllm_settings(recipe: GRPORecipe) -> dict[str, Any]:
         if not recipe.vllm_server_base_url:
             raise ValueError("grpo.vllm_mode=server needs grpo.vllm_server_base_url, e.g. http://localhost:8000 "
                              "(start it with `trl vllm-serve --model <base>` on the GPUs not used for training)")
+        if not (torch.cuda.is_available() if cuda is None else cuda):
+            raise RuntimeError("grpo.vllm_mode=server syncs the policy into the server over NCCL (TRL's vLLM client), "
+                               "which needs the trainer on a CUDA GPU; on this machine use grpo.vllm_mode=colocate")
         return {"use_vllm": True, "vllm_mode": "server", "vllm_server_base_url": recipe.vllm_server_base_url}
     return {"use_vllm": True, "vllm_mode": "colocate",
-            "vllm_gpu_memory_utilization": recipe.vllm_gpu_memory_utilization}
+            "vllm_gpu_memory_utilization": recipe.vllm_gpu_memory_utilization,
+            "vllm_max_model_length": recipe.vllm_max_model_length,
+            "vllm_tensor_parallel_size": recipe.vllm_tensor_parallel_size}
 
 
 # ---------------------------------------------------------------------------------------------------- logging
