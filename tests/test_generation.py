@@ -64,7 +64,7 @@ def test_greedy_outputs_equal_plain_generate_on_smollm2():
     got_static = static.generate(PROMPTS, max_new_tokens=12)
     # the arena's decode loop (static cache, 4-D masks, its own token picking; compiled on a GPU)
     loop = TransformersBackend(model=ours.model, tokenizer=ours.tokenizer, decode_loop="arena", max_batch_tokens=140,
-                               progress=False)
+                               attn_implementation="arena_sdpa", progress=False)  # the GPU defaults
     got_loop = loop.generate(PROMPTS, max_new_tokens=12)
     assert loop.last_stats["decode_loop"] == "arena" and loop.last_stats["batches"] >= 2
 

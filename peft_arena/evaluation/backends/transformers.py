@@ -2,8 +2,11 @@
 
 * bf16 on a GPU (``dtype="auto"``), fp32 on the CPU.
 * Attention: SDPA with PyTorch's cuDNN kernel switched off while decoding (it took 83 ms per decode step
-  against 45 ms for the flash/efficient kernels on an H200, 7B shape, batch 64); ``attn_implementation``
-  picks another implementation (``eager``, ``flash_attention_2`` when installed).
+  against 45 ms for the flash/efficient kernels on an H200, 7B shape, batch 64). On a GPU the default is
+  ``arena_sdpa``: transformers' SDPA, except that a single decode query attends on the key/value heads directly
+  (grouped query heads folded into the query axis) also inside ``torch.compile``, where transformers would copy
+  the whole static cache once per query head group (``repeat_kv``) at every step. ``attn_implementation``
+  picks another implementation (``sdpa``, ``eager``, ``flash_attention_2`` when installed).
 * Batches are filled by a token budget, not a prompt count: prompts sorted longest first, a batch takes
   prompts while rows × (longest prompt + max_new_tokens) fits ``max_batch_tokens`` (on a GPU: a share of the
   free memory divided by the KV cache's bytes per token) and rows ≤ ``max_batch_size``.
@@ -34,6 +37,38 @@ GPU_BATCH_SIZE = 256
 GPU_CACHE_SHARE = 0.5  # share of the free GPU memory a batch's KV cache may take
 COMPILE_MIN_NEW_TOKENS = 64  # shorter decodes do not repay the compilation
 PAD_MULTIPLE = 64  # static cache: prompt lengths rounded up to this, so few shapes get compiled
+
+
+ARENA_SDPA = "arena_sdpa"
+
+
+def arena_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                         is_causal=None, **kwargs):
+    """transformers' SDPA attention, with one-token decode queries grouped onto their key/value heads."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    groups = getattr(module, "num_key_value_groups", 1)
+    batch, heads, q_len, dim = query.shape
+    if q_len != 1 or groups == 1 or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    # (b, heads, 1, d) -> (b, kv_heads, groups, d): head h uses kv head h // groups, as repeat_kv arranges them;
+    # a mask shared by the heads, (b, 1, 1, L), broadcasts over both new axes
+    packed = query.reshape(batch, heads // groups, groups, dim)
+    out = torch.nn.functional.scaled_dot_product_attention(packed, key, value, attn_mask=attention_mask,
+                                                           dropout_p=dropout, scale=scaling)
+    return out.reshape(batch, heads, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
+
+
+def register_arena_attention() -> str:
+    """Register ``arena_sdpa`` with transformers (SDPA's mask builder, the function above)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ARENA_SDPA, arena_sdpa_attention)
+    AttentionMaskInterface.register(ARENA_SDPA, sdpa_mask)
+    return ARENA_SDPA
 
 
 def kv_bytes_per_token(config, dtype_bytes: int) -> int:
@@ -103,7 +138,11 @@ class TransformersBackend:
         self.device_type = torch.device(self.device).type
         on_gpu = self.device_type == "cuda"
         self.dtype = ("bfloat16" if on_gpu and torch.cuda.is_bf16_supported() else "float32") if dtype == "auto" else dtype
-        self.attn_implementation = "sdpa" if attn_implementation == "auto" else attn_implementation
+        if attn_implementation == "auto":
+            attn_implementation = ARENA_SDPA if on_gpu else "sdpa"
+        if attn_implementation == ARENA_SDPA:
+            register_arena_attention()
+        self.attn_implementation = attn_implementation
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_path)
         self.tokenizer.padding_side = "left"
         if model is None:
@@ -150,8 +189,8 @@ class TransformersBackend:
 
     def _use_arena_loop(self, max_new_tokens: int, stop) -> bool:
         if self.decode_loop == "auto":
-            return self._use_compile(max_new_tokens) and not stop and self.attn_implementation == "sdpa"
-        if self.decode_loop == "arena" and self.attn_implementation != "sdpa":
+            return self._use_compile(max_new_tokens) and not stop and self.attn_implementation in ("sdpa", ARENA_SDPA)
+        if self.decode_loop == "arena" and self.attn_implementation not in ("sdpa", ARENA_SDPA):
             raise ValueError("decode_loop=arena builds SDPA masks; use attn_implementation=sdpa")
         return self.decode_loop == "arena" and not stop
 
