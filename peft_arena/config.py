@@ -54,8 +54,15 @@ class SFTConfig:
     monitor_size: int = 16  # items per monitor probe set (general text, general choice, held-out target)
     num_processes: int = 1  # > 1: accelerate launch with this many processes (GPUs); rank 0 logs
     distributed: str = "ddp"  # with num_processes > 1: ddp | fsdp (FSDP2) | deepspeed (ZeRO-3) | accelerate YAML
+    precision: str = "auto"  # base weights: auto (bf16 on a GPU, fp32 on CPU) | bf16 | fp32; adapters train in fp32
+    attn_implementation: str = "auto"  # auto (transformers' default, SDPA) | sdpa | eager | flex_attention | …
+    gradient_checkpointing: str = "auto"  # on | off | auto (on when the activations would not fit the GPU)
+    padding_free: str = "auto"  # pack each micro-batch, position ids reset per example: auto = on with flash/flex attention
+    liger: str = "auto"  # Liger RMSNorm/SwiGLU/RoPE kernels: auto = when installed and on a GPU | on | off
+    compile: str = "auto"  # torch.compile each decoder layer: on | off | auto (= off)
     output_dir: str = ".arena/outputs"  # local working folder; the adapter is logged to MLflow
     run_name: str = ""  # empty = descriptive name (sft-lora-r8-math-smollm2-135m)
+    recipe: str = ""  # preset name (recipes/*.yaml set it): tagged arena.recipe and appended to the run name
 
 
 @dataclass
@@ -80,6 +87,7 @@ class GRPOStageConfig:
     distributed: str = "ddp"  # with num_processes > 1: ddp | fsdp (FSDP2) | deepspeed (ZeRO-3) | accelerate YAML
     output_dir: str = ".arena/outputs"  # local working folder; the adapter is logged to MLflow
     run_name: str = ""  # empty = descriptive name (grpo-lora-r8a16-math-smollm2-135m)
+    recipe: str = ""  # preset name (recipes/*.yaml set it): tagged arena.recipe and appended to the run name
 
 
 @dataclass
@@ -88,7 +96,8 @@ class PromoteConfig:
 
     source_run: str = ""  # training run id (or runs:/ID/adapter); required for alias=candidate
     domain: str = ""  # default: the training run's domain
-    merge_dtype: str = "float32"
+    merge_dtype: str = "auto"  # auto (bfloat16 on a GPU, float32 on CPU) | float32 | bfloat16: the saved dtype
+    device: str = "auto"  # where the merge runs: auto (cuda when available) | cpu | cuda
     alias: str = "candidate"  # candidate | champion
     model_uri: str = ""  # for alias=champion: the evaluated version (models:/NAME/N)
     policy: str = "registry/policy.yaml"

@@ -312,7 +312,7 @@ def analyze(
             if has_factor_form(info):
                 factors = {d.name: d for d in factor_deltas(info, dtype=dtype)}
             else:
-                ft_state = merged_state(str(base_dir), info)
+                ft_state = merged_state(str(base_dir), info, device=dev)
         else:
             ft_folder = WeightFolder(info.path)
             names = [nm for nm in names if nm in ft_folder]

@@ -236,14 +236,20 @@ def has_factor_form(info: ArtifactInfo) -> bool:
     return True
 
 
-def merged_state(base_source: str, info: ArtifactInfo) -> dict[str, torch.Tensor]:
-    """Finetuned weights of an adapter with no exact factor form, merged by PEFT on an fp32 base (CPU).
+def merged_state(base_source: str, info: ArtifactInfo, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Finetuned weights of an adapter with no exact factor form, merged by PEFT on an fp32 base on ``device``.
 
-    Loads and merges through the methods' own ops (BOFT needs its kernel installed first; a failed merge raises).
+    The base is read straight onto the device (the GPU when the analysis runs there). The merge stays fp32, also
+    on a GPU: the analysis takes W_ft − W_base, and a bf16 merge would bury a small update under the rounding of
+    W (bf16 keeps ~3 significant digits of each weight). Loads and merges through the methods' own ops (BOFT
+    needs its kernel installed first; a failed merge raises).
     """
     from peft_arena.methods import ops
+    from peft_arena.training.precision import load_base_for_training
 
-    merged = ops.merge(ops.load_trained(base_source, str(info.path), dtype="float32"))
+    device = str(device)
+    base = load_base_for_training(base_source, torch.float32, device=None if device == "cpu" else device)
+    merged = ops.merge(ops.load_trained(base, str(info.path), dtype="float32"))
     return {k: v.detach() for k, v in merged.state_dict().items()}
 
 

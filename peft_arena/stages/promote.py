@@ -62,23 +62,25 @@ def _promote_candidate(cfg: PromoteConfig, tracker) -> dict:
         base_source = _base_source(record, t)
         tracker.set_tags({"arena.base_source": base_source})
         started = time.perf_counter()
-        model = ops.load_trained(base_source, adapter, dtype=cfg.merge_dtype)
+        dtype, device = _merge_placement(cfg)
+        tracker.log_params({"merge_dtype_resolved": dtype, "merge_device": device})
+        model = ops.load_trained(_load_base(base_source, record, dtype, device), adapter, dtype=dtype)
         tokenizer = _tokenizer(adapter, base_source)
         before = _probe_logits(model, tokenizer)
         merged = ops.merge(model)  # MergeError propagates: the run ends FAILED with the reason
+        # fidelity of the merged weights in the dtype they are saved in (bf16 on a GPU), against the adapter model
         fidelity = (before - _probe_logits(merged, tokenizer)).abs().max().item()
-        merged_dir = work / "merged"
-        merged.save_pretrained(merged_dir)
-        tokenizer.save_pretrained(merged_dir)
         merge_seconds = time.perf_counter() - started
-        del model, merged
-        gc.collect()
+        size_mb = sum(p.numel() * p.element_size() for p in merged.parameters()) / 2**20
         tracker.log_metrics({"promote/merge_seconds": merge_seconds, "promote/merge_max_abs_logit_diff": fidelity,
-                             "promote/merged_size_mb": _size_mb(merged_dir)})
-        version = reg.register_merged_model(merged_dir, name, lineage, tracker.run_id, dtype=cfg.merge_dtype,
-                                            alias=reg.CANDIDATE,
+                             "promote/merged_size_mb": size_mb})
+        # the merged model goes from memory into the MLflow model once (no intermediate folder)
+        version = reg.register_merged_model(None, name, lineage, tracker.run_id, dtype=dtype,
+                                            alias=reg.CANDIDATE, model=merged, tokenizer=tokenizer,
                                             reason=f"newest promoted model (training run {run_id}, promote run "
                                                    f"{tracker.run_id})")
+        del model, merged
+        gc.collect()
     finally:
         shutil.rmtree(work, ignore_errors=True)
     uri = f"models:/{name}/{version.version}"
@@ -138,5 +140,26 @@ def _probe_logits(model, tokenizer):
         return model(**batch).logits.float().cpu()
 
 
-def _size_mb(folder: Path) -> float:
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**20
+def _merge_placement(cfg: PromoteConfig) -> tuple[str, str]:
+    """(dtype, device) of the merge: ``auto`` = bfloat16 on the GPU when there is one, else float32 on the CPU."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    device = cfg.device if cfg.device != "auto" else ("cuda" if cuda else "cpu")
+    if device.startswith("cuda") and not cuda:
+        raise ValueError(f"device={cfg.device!r} but CUDA is not available; use device=auto or cpu")
+    dtype = cfg.merge_dtype if cfg.merge_dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"merge_dtype must be auto, float32, bfloat16 or float16; got {cfg.merge_dtype!r}")
+    return dtype, device
+
+
+def _load_base(base_source: str, record: dict, dtype: str, device: str):
+    """The base on the merge device in the merge dtype (a full finetune is loaded by ``load_trained`` itself)."""
+    import torch
+
+    from peft_arena.training.precision import load_base_for_training
+
+    if record.get("method") == "full":
+        return None
+    return load_base_for_training(base_source, getattr(torch, dtype), device=None if device == "cpu" else device)

@@ -34,10 +34,23 @@ def _prepare(cfg, stage: str, train: str, tracker):
         raise ValueError(f"unknown domain {cfg.domain!r}: use math or med")
     base = resolve_base(cfg.base_model)
     label = spec.label(options)
+    from peft_arena.training.sft import default_data
+
+    data = cfg.data or default_data(cfg.domain)
     name = cfg.run_name or run_name(stage, train, cfg.adapter, label, cfg.domain, base.short)
-    tracker.set_tags({**_lineage(cfg, train, label, base), "mlflow.runName": name})
+    if not cfg.run_name and (cfg.data or cfg.recipe):  # say which data and preset a non-default run used
+        name = "-".join([name, *([_data_label(cfg.data)] if cfg.data else []), *([cfg.recipe] if cfg.recipe else [])])
+    tags = {**_lineage(cfg, train, label, base), "arena.data": data, "mlflow.runName": name}
+    if cfg.recipe:
+        tags["arena.recipe"] = cfg.recipe
+    tracker.set_tags(tags)
     tracker.log_params({f"cfg.{k}": v for k, v in config_params(cfg).items() if k not in _NOT_PARAMS})
     return Path(cfg.output_dir) / tracker.run_id, base
+
+
+def _data_label(data: str) -> str:
+    """A named source as is; a file by its stem (``/data/math_sft.parquet`` → ``math_sft``)."""
+    return Path(data).stem if ("/" in data or "." in Path(data).name) and not Path(data).is_dir() else data
 
 
 def run_train_sft(cfg: SFTConfig, tracker) -> dict:

@@ -14,9 +14,12 @@ from peft_arena.tracking import aliases
 from peft_arena.tracking.versions import RegistryError, alias_holder, mlflow_client
 
 
-def register_merged_model(merged_dir: str | Path, name: str, tags: dict[str, Any], tracker_run_id: str, *,
-                          dtype: str = "float32", alias: str | None = None, reason: str = "", actor: str | None = None):
-    """Log a merged HF folder (weights + tokenizer) as model ``model`` of the promote run and register it.
+def register_merged_model(merged_dir: str | Path | None, name: str, tags: dict[str, Any], tracker_run_id: str, *,
+                          dtype: str = "float32", alias: str | None = None, reason: str = "", actor: str | None = None,
+                          model=None, tokenizer=None):
+    """Log a merged model as model ``model`` of the promote run and register it: a HF folder (``merged_dir``,
+    weights + tokenizer, loaded in ``dtype``) or an in-memory ``model`` with its ``tokenizer``, which MLflow then
+    writes once (promote's merge on the GPU never goes through an intermediate folder).
 
     The version gets ``tags`` (arena.method, arena.train, arena.domain, arena.base_model, arena.source_run);
     the LoggedModel gets them too, so ``search_logged_models`` can filter. With ``alias`` the alias is moved to
@@ -30,9 +33,12 @@ def register_merged_model(merged_dir: str | Path, name: str, tags: dict[str, Any
 
     from peft_arena.models import load_model, load_tokenizer
 
-    merged_dir = Path(merged_dir)
-    if not (merged_dir / "config.json").exists():
-        raise RegistryError(f"{merged_dir} is not a HF model folder (no config.json)")
+    if model is None:
+        merged_dir = Path(merged_dir)
+        if not (merged_dir / "config.json").exists():
+            raise RegistryError(f"{merged_dir} is not a HF model folder (no config.json)")
+    elif tokenizer is None:
+        raise RegistryError("register_merged_model(model=...) needs the tokenizer too")
     client = mlflow_client()
     clean_tags = {k: str(v) for k, v in tags.items() if v not in (None, "")}
     created_model, logged_id, version, previous = False, None, None, None
@@ -52,12 +58,15 @@ def register_merged_model(merged_dir: str | Path, name: str, tags: dict[str, Any
         # mlflow 3.17's local-checkpoint path (transformers_model=<folder>) breaks on transformers 5, whose
         # pipelines.check_task returns the pipeline class as a dotted string; logging the loaded components is
         # the supported path that works. Requirements are pinned explicitly: inferring them would import torchvision.
-        model, tokenizer = load_model(str(merged_dir), dtype=dtype), load_tokenizer(str(merged_dir))
+        owned = model is None  # an in-memory model (promote's merge) is written once, by log_model
+        if owned:
+            model, tokenizer = load_model(str(merged_dir), dtype=dtype), load_tokenizer(str(merged_dir))
         mlflow.transformers.log_model(
             transformers_model={"model": model, "tokenizer": tokenizer}, task="llm/v1/completions", name="model",
             run_id=tracker_run_id, model_id=logged_id, pip_requirements=_pip_pins(),
             metadata={"arena": clean_tags}, model_card=_model_card(name, clean_tags))
-        del model
+        if owned:
+            del model
         version = mlflow.register_model(f"models:/{logged_id}", name, tags=clean_tags)
         if version.status != "READY":
             raise RegistryError(f"version {version.version} of {name!r} ended {version.status}: {version.status_message}")

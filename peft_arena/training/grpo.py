@@ -26,6 +26,7 @@ import dataclasses
 import functools
 import importlib.util
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass
@@ -38,7 +39,8 @@ from peft_arena.data import grpo_dataset
 from peft_arena.data.schema import rl_prompt_text
 from peft_arena.methods import BuildContext, MethodError, get_method
 from peft_arena.methods import ops
-from peft_arena.models import load_model, load_tokenizer, short_name
+from peft_arena.models import load_tokenizer, short_name
+from peft_arena.training import precision
 from peft_arena.tracking.tracker import MlflowTracker
 from peft_arena.training import distributed
 from peft_arena.training.rewards import completion_text, correctness_reward, format_reward
@@ -89,6 +91,8 @@ class GRPORecipe:
     completions_table_rows: int = 32  # rows per logged table (whole groups, first prompts of the round)
     logging_steps: int = 1
     gradient_checkpointing: bool = False  # turn on for long completions on GPU
+    precision: str = "auto"  # policy weights: auto (bf16 on a GPU, fp32 on CPU) | bf16 | fp32; adapters train in fp32
+    attn_implementation: str = "auto"  # auto (transformers' default) | sdpa | eager | flex_attention | …
     disable_dropout: bool = True  # paper RL builds its adapters without dropout; keeps π_old = π exact
     seed: int = 0
     use_vllm: str = "auto"  # auto: vLLM when installed; "true" requires it; "false" uses transformers generate
@@ -368,7 +372,14 @@ def train_grpo(model_source: str, tokenizer_source: str, method: str, method_opt
 
     torch.manual_seed(recipe.seed)
     cuda = torch.cuda.is_available()
-    model = load_model(model_source, dtype="float32")
+    # multi-process jobs: each process loads onto its own GPU (LOCAL_RANK); FSDP/DeepSpeed place the weights
+    # themselves, so there the base is loaded on the host in fp32 as before (unless grpo.precision says otherwise)
+    local = os.environ.get("LOCAL_RANK")
+    sharded = distributed.is_worker() and os.environ.get("ACCELERATE_USE_FSDP", os.environ.get(
+        "ACCELERATE_USE_DEEPSPEED", "false")).lower() == "true"
+    dtype = precision.resolve_dtype(recipe.precision, cuda and not sharded)
+    device = None if not cuda or sharded else f"cuda:{local if local is not None else torch.cuda.current_device()}"
+    model = precision.load_base_for_training(model_source, dtype, recipe.attn_implementation, device=device)
     ctx = BuildContext(
         calibration_batch=(keeplora_calibration_batch(records, tokenizer, domain, recipe.prompts_per_generation)
                            if spec.needs_calibration else None),

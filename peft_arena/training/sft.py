@@ -8,6 +8,7 @@ clipping 1.0, cosine schedule with 10 % linear warmup to 0.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -16,10 +17,11 @@ from peft_arena.config import SFTConfig
 from peft_arena.data import load_records, sft_dataset
 from peft_arena.methods import BuildContext, get_method
 from peft_arena.methods import ops
-from peft_arena.models import load_model, load_tokenizer, resolve_base
+from peft_arena.models import load_tokenizer, resolve_base
 from peft_arena.tracking.tracker import MlflowTracker
 from peft_arena.training import distributed
 from peft_arena.training.monitor import attach_monitor
+from peft_arena.training import lean_adapters, precision
 
 
 def default_data(domain: str) -> str:
@@ -60,8 +62,36 @@ def calibration_batch(records: list[dict], tokenizer, size: int) -> dict[str, to
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def train_sft(cfg: SFTConfig, tracker, output_dir: str | Path) -> dict:
-    """Train ``cfg.adapter`` on ``cfg.domain`` data; save the trained artifact; return its facts."""
+def resolve_settings(cfg: SFTConfig, method: str, options: dict, model_config) -> precision.TrainSettings:
+    """Dtype, device, attention, checkpointing, kernels and padding-free for this run (see training/precision.py)."""
+    cuda = torch.cuda.is_available()
+    sharded = distributed.is_worker() and distributed.distributed_type(cfg.distributed) in ("FSDP", "DEEPSPEED")
+    # FSDP / DeepSpeed shard the weights and bring their own mixed precision: there the base stays as before
+    # (fp32, loaded on the host, placed by the engine) unless precision says otherwise.
+    dtype = precision.resolve_dtype(cfg.precision, cuda and not sharded)
+    padding_free = precision.resolve_padding_free(cfg.padding_free, cuda, cfg.attn_implementation)
+    # one micro-batch: batch_size sequences of up to max_length tokens (padded or concatenated)
+    checkpointing, estimate = precision.resolve_checkpointing(
+        cfg.gradient_checkpointing, model_config, cfg.batch_size * cfg.max_length, method, dtype,
+        float(options.get("dropout", 0.0) or 0.0), cuda)
+    local = int(os.environ.get("LOCAL_RANK", torch.cuda.current_device() if cuda else 0))
+    return precision.TrainSettings(
+        dtype=dtype, device="cpu" if not cuda or sharded else f"cuda:{local}",
+        attn_implementation=cfg.attn_implementation, gradient_checkpointing=checkpointing,
+        liger=precision.resolve_liger(cfg.liger, cuda), compile=precision.resolve_compile(cfg.compile, cuda),
+        padding_free=padding_free, estimate=estimate)
+
+
+def train_sft(cfg: SFTConfig, tracker, output_dir: str | Path, *, base_model=None, extra_callbacks=(),
+              structure_only: bool = False) -> dict:
+    """Train ``cfg.adapter`` on ``cfg.domain`` data; save the trained artifact; return its facts.
+
+    ``base_model``: an already loaded plain base (in the run's dtype, on the run's device) instead of loading
+    ``cfg.base_model``; the speed benchmark reuses one 7B base across methods this way. ``structure_only`` builds
+    data-dependent initialisations (SVD, calibration gradients) with their shapes only, for timing steps alone;
+    nothing is saved then.
+    """
+    from transformers import AutoConfig
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
 
@@ -83,17 +113,31 @@ def train_sft(cfg: SFTConfig, tracker, output_dir: str | Path) -> dict:
 
     torch.manual_seed(cfg.seed)
     cuda = torch.cuda.is_available()
-    model = load_model(base.source, dtype="float32")
+    model_config = base_model.config if base_model is not None else AutoConfig.from_pretrained(base.source)
+    settings = resolve_settings(cfg, spec.name, options, model_config)
+    if base_model is None:
+        model = precision.load_base_for_training(base.source, settings.dtype, cfg.attn_implementation,
+                                                 device=None if settings.device == "cpu" else settings.device)
+    else:
+        model = base_model
+    if settings.liger:
+        precision.apply_liger(model)
     ctx = BuildContext(
-        calibration_batch=calibration_batch(records, tokenizer, cfg.batch_size) if spec.needs_calibration else None,
-        train="sft", total_steps=total_steps, seed=cfg.seed,
+        calibration_batch=(calibration_batch(records, tokenizer, cfg.batch_size)
+                           if spec.needs_calibration and not structure_only else None),
+        train="sft", total_steps=total_steps, seed=cfg.seed, structure_only=structure_only,
     )
-    model = spec.build(model, options, ctx)
+    model = spec.build(model, options, ctx)  # on the GPU when there is one: SVD inits and calibration run there
+    lean_adapters.install()  # DoRA: B·A formed directly, fp32 norm (same math as peft)
+    if cuda and settings.dtype == torch.bfloat16:  # bf16 autocast casts adapter inputs for the matmuls
+        lean_adapters.disable_input_casting(model)
+    if settings.compile:
+        precision.compile_layers(model)
     trainable, total = ops.count_parameters(model)
     tracker.log_metrics({"arena/trainable_params": trainable, "arena/total_params": total,
                          "arena/train_examples": len(records)})
     tracker.log_params({"resolved_lr": lr, "total_steps": total_steps, "method_label": spec.label(options),
-                        **{f"method.{k}": v for k, v in options.items()}})
+                        **{f"method.{k}": v for k, v in options.items()}, **settings.params()})
 
     out = Path(output_dir)
     args = TRLSFTConfig(
@@ -112,29 +156,35 @@ def train_sft(cfg: SFTConfig, tracker, output_dir: str | Path) -> dict:
         save_strategy="no",
         report_to=["mlflow"] if isinstance(tracker, MlflowTracker) else "none",
         run_name=cfg.run_name or None,
-        max_length=cfg.max_length,
+        # padding-free: over-long examples were dropped above, so nothing needs truncating
+        max_length=None if settings.padding_free else cfg.max_length,
+        padding_free=settings.padding_free,
         completion_only_loss=True,
         use_cpu=not cuda,
         bf16=cuda,
+        optim="adamw_torch_fused" if cuda else "adamw_torch",
         seed=cfg.seed,
         data_seed=cfg.seed,
         dataloader_num_workers=0,
-        gradient_checkpointing=False,
+        gradient_checkpointing=settings.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if settings.gradient_checkpointing else None,
     )
     optimizer = (spec.make_optimizer(model, options, lr, cfg.weight_decay, (0.9, cfg.adam_beta2))
                  if getattr(spec, "make_optimizer", None) else None)
     callbacks = [*(spec.callbacks(model, options, ctx) if getattr(spec, "callbacks", None) else []), *monitor]
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=sft_dataset(records), processing_class=tokenizer,
-        optimizers=(optimizer, None), callbacks=callbacks,
+        optimizers=(optimizer, None), callbacks=[*callbacks, *extra_callbacks],
     )
     tracker.set_tags(distributed.describe(trainer))  # also refuses an engine other than the one asked for
     result = trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
-    adapter_dir = distributed.save_trained(trainer, trainer.model, spec, options, out / "adapter",
-                                           base_model=base.short, base_source=base.source, tokenizer=tokenizer)
-    tracker.log_artifacts(adapter_dir, "adapter")
+    adapter_dir = None
+    if not structure_only:  # a shapes-only init is no real adapter: nothing to save
+        adapter_dir = distributed.save_trained(trainer, trainer.model, spec, options, out / "adapter",
+                                               base_model=base.short, base_source=base.source, tokenizer=tokenizer)
+        tracker.log_artifacts(adapter_dir, "adapter")
     summary = {
         "train/first_loss": losses[0] if losses else float("nan"),
         "train/final_loss": losses[-1] if losses else float("nan"),
@@ -142,5 +192,6 @@ def train_sft(cfg: SFTConfig, tracker, output_dir: str | Path) -> dict:
     }
     tracker.log_metrics(summary)
     trainer.accelerator.wait_for_everyone()  # rank 0 has uploaded the adapter before any process cleans up
-    return {"adapter_dir": str(adapter_dir), "trainable_params": trainable, "total_params": total,
-            "label": spec.label(options), "losses": losses, "steps": total_steps, **summary}
+    return {"adapter_dir": str(adapter_dir) if adapter_dir else None, "trainable_params": trainable,
+            "total_params": total, "label": spec.label(options), "losses": losses, "steps": total_steps,
+            "settings": settings.params(), **summary}
