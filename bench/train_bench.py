@@ -229,6 +229,12 @@ def _release(clock):
     model = clock.model
     clock.model = None
     base = model.unload() if hasattr(model, "unload") else model
+    if getattr(base, "peft_config", None):  # something kept the adapter's config: start the next one clean
+        del model, base
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return None
     for p in base.parameters():
         p.requires_grad_(False)
         p.grad = None
@@ -249,7 +255,7 @@ def cmd_ours(args) -> dict:
     seqs = [int(s) for s in args.seqs.split(",")]
     extra = dict(kv.split("=", 1) for kv in args.set) if args.set else {}
     out = {"methods": {}, "settings": {}, "extra": extra}
-    base = None
+    base, first = None, True
     peak = (lambda: gib(torch.cuda.max_memory_allocated())) if cuda else (lambda: None)
     for method in methods:
         row = {}
@@ -268,12 +274,22 @@ def cmd_ours(args) -> dict:
             except torch.OutOfMemoryError as err:
                 row[str(seq)] = {"fits": False, "error": f"out of memory: {str(err)[:160]}"}
                 print("CELL " + json.dumps({method: {str(seq): row[str(seq)]}}), flush=True)
+                base = None  # the failed build may have wrapped it: reload the folder for the next call
                 gc.collect()
                 torch.cuda.empty_cache()
                 continue
+            except Exception as err:  # a method that fails is reported, and the sweep goes on
+                row[str(seq)] = {"fits": False, "error": f"{type(err).__name__}: {str(err)[:300]}"}
+                print("CELL " + json.dumps({method: {str(seq): row[str(seq)]}}), flush=True)
+                base = None
+                gc.collect()
+                if cuda:
+                    torch.cuda.empty_cache()
+                continue
             cell = {"fits": True, "peak_gib": peak(), "settings": result["settings"],
                     "call_s": round(time.perf_counter() - started, 1)}
-            if base is None:  # the very first call loaded the folder: process start -> first optimizer step
+            if first:  # the very first call loaded the folder: process start -> first optimizer step
+                first = False
                 cell["first_step_s"] = round(time.time() - T0 - (time.perf_counter() - clock.ends[0]), 1)
                 cell["load_to_train_begin_s"] = round(clock.begin - started, 1)
             if not long:
@@ -431,9 +447,12 @@ def cmd_all(args) -> int:
                   "--long-batch", str(args.long_batch), "--long-accum", str(args.long_accum),
                   *sum((["--set", kv] for kv in args.set or []), []), *common], int(min(args.timeout, left)))
     init = {}
-    if args.init_layers:
+    left = args.budget - (time.time() - started) - 10 if args.budget else args.timeout
+    if args.init_layers and left < 45:
+        init = {"skipped": f"only {left:.0f} s of the --budget left"}
+    elif args.init_layers:
         init = spawn(["init", "--folder", folder, "--data-json", json.dumps(data), "--init-layers",
-                      str(args.init_layers), "--short-seq", str(args.short_seq), *common], args.timeout)
+                      str(args.init_layers), "--short-seq", str(args.short_seq), *common], int(min(args.timeout, left)))
     summary = summarise(peers, ours, init, args)
     summary["bench_seconds"] = round(time.time() - started, 1)
     summary["complete"] = "error" not in ours and len(summary["methods"]) == len(args.methods.split(","))

@@ -197,3 +197,39 @@ def test_merge_placement_rules():
         _merge_placement(PromoteConfig(device="cuda"))
     with pytest.raises(ValueError, match="merge_dtype must be"):
         _merge_placement(PromoteConfig(merge_dtype="int8"))
+
+
+@pytest.mark.parametrize("shape", [(48, 20), (20, 48)])
+def test_gram_svd_matches_lapack(shape):
+    from peft_arena.methods.gram_svd import truncated_svd
+
+    torch.manual_seed(0)
+    w = torch.randn(*shape) @ torch.diag(torch.logspace(0, -3, shape[1])) if shape[0] >= shape[1] else \
+        torch.diag(torch.logspace(0, -3, shape[0])) @ torch.randn(*shape)
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    for largest, sl in ((True, slice(0, 4)), (False, slice(-4, None))):
+        gu, gs, gvh = truncated_svd(w, 4, largest=largest)
+        assert torch.allclose(gs, s[sl], rtol=1e-4)
+        assert torch.allclose(gu @ torch.diag(gs) @ gvh, u[:, sl] @ torch.diag(s[sl]) @ vh[sl], atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["pissa", "milora", "keeplora"])
+def test_gpu_svd_path_builds_the_same_adapter(tiny_source, method, monkeypatch):
+    """The Gram-matrix path the GPU takes (forced here on the CPU) gives the CPU path's adapter and residual base."""
+    from peft_arena.methods import gram_svd, keeplora, ops, svd_init
+    from peft_arena.methods.registry import BuildContext
+
+    batch = {"input_ids": torch.tensor([[5, 17, 99, 240, 7, 31]]), "attention_mask": torch.ones(1, 6, dtype=torch.long),
+             "labels": torch.tensor([[-100, -100, 99, 240, 7, 31]])}
+    states = []
+    for gram in (False, True):
+        for module in (svd_init, keeplora):
+            monkeypatch.setattr(module, "use_gram_svd", (lambda t: True) if gram else gram_svd.use_gram_svd)
+        model, _ = ops.build(_sharp_model(tiny_source), method, {"r": 4}, BuildContext(calibration_batch=batch))
+        layer = model.get_base_model().model.layers[1].mlp.down_proj
+        delta = layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+        states.append((delta, layer.get_base_layer().weight.detach().clone()))
+    (d_cpu, w_cpu), (d_gpu, w_gpu) = states
+    assert d_cpu.abs().max() > 0
+    assert torch.allclose(d_gpu, d_cpu, atol=2e-4 * d_cpu.abs().max().item())
+    assert torch.allclose(w_gpu, w_cpu, atol=1e-4)

@@ -102,6 +102,8 @@ def build_boft(model, options: dict, ctx: BuildContext):
     try:
         with _shapes_only_permutations() if ctx.structure_only else contextlib.nullcontext():
             peft_model = wrap(model, config)
+    except MethodError:  # e.g. the model already carries an adapter: that message is the right one
+        raise
     except ValueError as err:  # peft's divisibility checks name the layer size, not the fix
         raise MethodError(f"boft: block_size {block} with n_butterfly_factor {factors} does not fit this model "
                           f"({err}); every adapted input size must be divisible by block_size·2^(factors−1) = "

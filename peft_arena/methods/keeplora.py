@@ -35,6 +35,7 @@ from peft_arena.methods.common import (
     lora_layers,
     wrap,
 )
+from peft_arena.methods.gram_svd import truncated_svd, use_gram_svd
 from peft_arena.methods.lora import lora_config
 from peft_arena.methods.registry import BuildContext, MethodError, MethodSpec, register
 
@@ -144,9 +145,14 @@ def residual_gradient_inits(peft_model, layers, batch: dict, options: dict) -> d
 def _project_and_factor(weight: torch.Tensor, grad: torch.Tensor, principal_rank: int, r: int):
     w, g = weight.float(), grad.float()
     k = min(principal_rank, min(w.shape))
-    v_k = torch.linalg.svd(w, full_matrices=False)[2][:k].T  # in × k
-    g_res = g - (g @ v_k) @ v_k.T
-    u, s, qh = torch.linalg.svd(g_res, full_matrices=False)
+    if use_gram_svd(w):  # GPU: truncated SVDs through the smaller Gram matrix (methods/gram_svd.py)
+        v_k = truncated_svd(w, k)[2].T
+        g_res = g - (g @ v_k) @ v_k.T
+        u, s, qh = truncated_svd(g_res, r)
+    else:
+        v_k = torch.linalg.svd(w, full_matrices=False)[2][:k].T  # in × k
+        g_res = g - (g @ v_k) @ v_k.T
+        u, s, qh = torch.linalg.svd(g_res, full_matrices=False)
     rank = min(r, s.numel())
     lora_b = torch.zeros(w.shape[0], r, dtype=w.dtype, device=w.device)
     lora_a = torch.zeros(r, w.shape[1], dtype=w.dtype, device=w.device)

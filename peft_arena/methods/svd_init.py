@@ -28,6 +28,7 @@ from peft_arena.methods.common import (
     remember_initial_adapter,
     wrap,
 )
+from peft_arena.methods.gram_svd import truncated_svd, use_gram_svd
 from peft_arena.methods.lora import lora_config
 from peft_arena.methods.registry import BuildContext, MethodSpec, register
 
@@ -37,7 +38,15 @@ def build_pissa(model, options: dict, ctx: BuildContext):
         return wrap(model, lora_config(_lora_options(options)))
     niter = options["svd_niter"]
     init = "pissa" if niter == 0 else f"pissa_niter_{niter}"
-    peft_model = wrap(model, lora_config(_lora_options(options), init_lora_weights=init))
+    if niter == 0 and use_gram_svd(next(model.parameters())):
+        # GPU: peft's exact init runs cuSOLVER's full SVD (seconds per matrix at 7B); the same triplets come
+        # from the Gram matrix (methods/gram_svd.py). The config then reads as peft's own PiSSA.
+        peft_model = wrap(model, lora_config(_lora_options(options)))
+        for _, layer in lora_layers(peft_model):
+            _init_components(layer, "default", largest=True)
+        peft_model.peft_config["default"].init_lora_weights = init
+    else:
+        peft_model = wrap(model, lora_config(_lora_options(options), init_lora_weights=init))
     remember_initial_adapter(peft_model)
     return peft_model
 
@@ -47,19 +56,23 @@ def build_milora(model, options: dict, ctx: BuildContext):
     if ctx.structure_only:
         return peft_model
     for _, layer in lora_layers(peft_model):
-        _init_minor_components(layer, "default")
+        _init_components(layer, "default", largest=False)
     remember_initial_adapter(peft_model)
     return peft_model
 
 
 @torch.no_grad()
-def _init_minor_components(layer, adapter: str) -> None:
-    """MiLoRA's init on one LoRA layer: the r smallest singular triplets into B·A, the rest stays in the base."""
+def _init_components(layer, adapter: str, largest: bool) -> None:
+    """One LoRA layer from r singular triplets of W (largest: PiSSA, smallest: MiLoRA); the rest stays in the base."""
     base = layer.get_base_layer()
     weight = base.weight
     r, scale = layer.r[adapter], layer.scaling[adapter]
-    u, s, vh = torch.linalg.svd(weight.float(), full_matrices=False)
-    u, s, vh = u[:, -r:], s[-r:] / scale, vh[-r:]
+    if use_gram_svd(weight):
+        u, s, vh = truncated_svd(weight, r, largest=largest)
+        s = s / scale
+    else:
+        u, s, vh = torch.linalg.svd(weight.float(), full_matrices=False)
+        u, s, vh = (u[:, :r], s[:r] / scale, vh[:r]) if largest else (u[:, -r:], s[-r:] / scale, vh[-r:])
     lora_b = u * s.sqrt()  # out × r
     lora_a = s.sqrt()[:, None] * vh  # r × in
     layer.lora_A[adapter].weight.copy_(lora_a)
