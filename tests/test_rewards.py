@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from peft_arena.answers import extract_choice
+from peft_arena.answers import extract_choice, options_in_prompt
 from peft_arena.data import load_records
 from peft_arena.evaluation.benchmarks import get_benchmark
 from peft_arena.training.rewards import accuracy, format_reward, math_reward, med_mc_reward
@@ -103,6 +103,12 @@ PROMPT = "Which vitamin deficiency causes scurvy?\nA. Vitamin A\nB. Vitamin B12\
 ])
 def test_med_reward(text, truth, expected):
     assert med_mc_reward([text], [truth], prompts=[[{"role": "user", "content": PROMPT}]]) == [expected]
+
+
+def test_options_are_read_from_the_prompt():
+    assert options_in_prompt(PROMPT) == {"A": "Vitamin A", "B": "Vitamin B12", "C": "Vitamin C", "D": "Vitamin D"}
+    assert options_in_prompt("B. not a list\nA) x\nB) y") == {"A": "x", "B": "y"}
+    assert options_in_prompt("no options") == {}
 
 
 def test_med_reward_and_benchmark_read_the_same_letter():

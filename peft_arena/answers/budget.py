@@ -34,23 +34,45 @@ _LOCK = threading.RLock()  # sympy's caches are process-wide; one budgeted compa
 def run_with_budget(fn: Callable[[], T], max_calls: int, fallback: T) -> tuple[T, int]:
     """``(fn(), calls used)``, or ``(fallback, calls used)`` when ``fn`` needs more than ``max_calls`` calls.
 
-    A tracer already installed in this thread (a debugger, coverage) is restored afterwards.
+    CPython removes a trace function that raises, so an exhausted budget whose exception is swallowed (a generator
+    finalised during garbage collection, a bare ``except:`` in mpmath) would let the work run on unbounded. Once
+    the budget is spent, a profile hook therefore re-installs the tracer at every event until the work has
+    unwound, and a result that arrives after the budget was spent is discarded. A tracer or profiler already
+    installed in this thread (a debugger, coverage) is restored afterwards.
     """
     count = 0
+    spent = False
+    finished = False
 
     def tracer(frame, event, arg):  # sys.settrace: called on "call" events; returning None skips line events
-        nonlocal count
+        nonlocal count, spent
         count += 1
         if count > max_calls:
+            if not spent:
+                spent = True
+                sys.setprofile(rearm)
             raise BudgetExceeded
         return None
 
+    def rearm(frame, event, arg):  # sys.setprofile, only once the budget is spent; never raises itself
+        if not finished and sys.gettrace() is not tracer:
+            sys.settrace(tracer)
+
+    def unraisable(info):  # "Exception ignored in …" for our own exception is expected noise
+        if not (isinstance(info.exc_value, BudgetExceeded) and not finished):
+            previous_hook(info)
+
     with _LOCK:
-        previous = sys.gettrace()
+        previous_trace, previous_profile, previous_hook = sys.gettrace(), sys.getprofile(), sys.unraisablehook
+        sys.unraisablehook = unraisable
         sys.settrace(tracer)
         try:
-            return fn(), count
+            result = fn()
         except BudgetExceeded:
-            return fallback, count
+            result = fallback
         finally:
-            sys.settrace(previous)
+            finished = True  # first: makes rearm inert before the restoring calls below fire profile events
+            sys.settrace(previous_trace)
+            sys.setprofile(previous_profile)
+            sys.unraisablehook = previous_hook
+        return (fallback if spent else result), count

@@ -7,9 +7,10 @@ scorer ``math_rlvr.py``, reference §3.2/§4.1) with two documented changes:
    look elsewhere: the generation was cut off inside its answer);
 2. else the text after the last "the answer is" / "final answer is" (one line, up to the end of the sentence;
    the paper takes everything after the marker, following lines included);
-3. else the last number on the last line that has words or numbers in it, skipping numbers that label a step
-   or a list item ("Step 4:", "Case 2", "3)", a line-opening "2."). The paper takes the last number anywhere
-   in the text, so "Step 4: unclear" answered 4.
+3. else the last number (``12``, ``1,234``, ``-3.5``, ``12.5%``, ``3/4``, ``\\frac{3}{4}``) on the last line that
+   has words or numbers in it, skipping numbers that label a step or a list item ("Step 4:", "Case 2", a
+   line-opening "2. " or "(3) "). The paper takes the last number anywhere in the text, so "Step 4: unclear"
+   answered 4.
 
 Grading (:func:`math_equal`) is math-verify (``parse`` + ``verify``), corrected where it is wrong
 (``docs/grading.md`` lists every case):
@@ -23,9 +24,9 @@ Grading (:func:`math_equal`) is math-verify (``parse`` + ``verify``), corrected 
 * numbers: math-verify rounds floats to 6 decimals, so ``0.0000002`` "equals" ``0.0000001``; a pair of numbers
   it calls equal must also agree to a relative tolerance of 1e-4 (the paper's ``math_equal`` tolerance).
 
-Time: no wall clock. Inputs are capped (:data:`MAX_ANSWER_CHARS`), integer towers and huge factorials are
-refused before evaluation (:func:`_too_big`), and each comparison runs under a budget of Python calls
-(:mod:`peft_arena.answers.budget`). The verdict on a pair is the same on an idle and on a loaded machine, in
+Time: no wall clock. Inputs are capped (:data:`MAX_ANSWER_CHARS`), integer towers, huge factorials and huge
+expansions are refused before evaluation (:func:`_too_big`), and each graded pair runs under a budget of Python
+calls (:mod:`peft_arena.answers.budget`). The verdict on a pair is the same on an idle and on a loaded machine, in
 any thread, with no helper process. sympy's and math-verify's caches are cleared before each comparison, so a
 verdict does not depend on what was graded before either.
 """
@@ -42,7 +43,8 @@ from peft_arena.answers.boxed import last_box_start, last_boxed
 from peft_arena.answers.budget import run_with_budget
 
 MAX_ANSWER_CHARS = 300  # a longer "answer" is not one (and would be slow to parse)
-MAX_CALLS = 1_500_000  # Python calls per comparison; MATH-500-style answers use < 100k (bench/grader_budget.py)
+MAX_CALLS = 1_000_000  # Python calls per graded pair, all readings together; MATH-500 answers use < 250k
+# (bench/grader_bench.py); about 1-4 s of work on a 2-core machine before the pair counts as "not equal"
 MAX_INTEGER_DIGITS = 100_000  # exact integers beyond this many digits are not evaluated (2^{100000} is 30,103)
 REL_TOL = 1e-4  # numbers math-verify calls equal must also agree to this relative tolerance
 _TAIL_CHARS = 4000  # the "answer is"/last-number searches look at the end of a completion only
@@ -63,7 +65,9 @@ class MathAnswer:
 
 _ANSWER_IS = re.compile(r"(?:he|final) answer is", re.IGNORECASE)
 _SENTENCE_END = re.compile(r"\.(?:\s|$)")
-_NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+")
+_NUMBER = re.compile(  # \frac{3}{4}, 3/4, 1,234.5, -.5, each with an optional % sign
+    r"(?:-\s*)?\\[dt]?frac\{\d+\}\{\d+\}|-?\d+\s*/\s*\d+(?!\.?\d)"
+    r"|(?:-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+)(?:\s*\\?%)?")
 _LABEL_BEFORE = re.compile(
     r"(?:\b(?:step|case|part|problem|question|example|exercise|method|option|line|equation|eq|no|figure|fig|"
     r"section|lemma|claim|item|round|stage|phase)\.?|#)\s*$", re.IGNORECASE)
@@ -114,9 +118,9 @@ def _last_answer_number(text: str) -> str | None:
             continue  # part of a name or a power/subscript: x2, a_3, 10^2's 2
         if _LABEL_BEFORE.search(before) or _LABEL_AFTER.match(after):
             continue  # "Step 4", "Case 2", "4: …"
-        if _LIST_MARKER.fullmatch(before) and re.match(r"[.)](?:\s|$)", after):
+        if _LIST_MARKER.fullmatch(before) and re.match(r"[.)]\s+\S", after):
             continue  # "2. Compute …", "(3) Then …" open a list item
-        return match.group(0).replace(",", "")
+        return re.sub(r"\s+", "", match.group(0)).replace(",", "")
     return None
 
 
@@ -244,7 +248,8 @@ def math_equal(gold: str, prediction: str | None) -> bool:
         return True
     if len(gold) > MAX_ANSWER_CHARS or len(prediction) > MAX_ANSWER_CHARS:
         return False
-    return any(_sets_or_values_equal(g, p) for g, p in _percent_readings(gold, prediction))
+    budget = _Budget(MAX_CALLS)
+    return any(_sets_or_values_equal(g, p, budget) for g, p in _percent_readings(gold, prediction))
 
 
 def grade_math(completion: str, gold: str) -> bool:
@@ -267,15 +272,15 @@ def _percent_readings(gold: str, prediction: str) -> list[tuple[str, str]]:
     return [(gold_value, prediction), (f"\\frac{{{gold_value}}}{{100}}", prediction)]
 
 
-def _sets_or_values_equal(gold: str, prediction: str) -> bool:
-    if _math_verify_equal(gold, prediction):
+def _sets_or_values_equal(gold: str, prediction: str, budget: "_Budget") -> bool:
+    if _math_verify_equal(gold, prediction, budget):
         return True
     gold_set, pred_set = inequality_as_set(gold), inequality_as_set(prediction)
     if gold_set is None and pred_set is None:
         return False
     if gold_set is not None and pred_set is not None and gold_set[0] != pred_set[0]:
         return False  # x < 3 is not y < 3
-    return _math_verify_equal(gold_set[1] if gold_set else gold, pred_set[1] if pred_set else prediction)
+    return _math_verify_equal(gold_set[1] if gold_set else gold, pred_set[1] if pred_set else prediction, budget)
 
 
 # math-verify under the call budget ---------------------------------------------------------------------------
@@ -288,11 +293,21 @@ class _TooBig(Exception):
     pass
 
 
-def _math_verify_equal(gold: str, prediction: str) -> bool:
+class _Budget:
+    """The calls left for one graded pair (shared by its readings: as written, as sets, with/without %)."""
+
+    def __init__(self, calls: int) -> None:
+        self.left = calls
+
+
+def _math_verify_equal(gold: str, prediction: str, budget: _Budget) -> bool:
     _warm_up()
-    verdict, calls = run_with_budget(lambda: _compare(gold, prediction), MAX_CALLS, fallback=None)
+    if budget.left <= 0:
+        return False
+    verdict, calls = run_with_budget(lambda: _compare(gold, prediction), budget.left, fallback=None)
+    budget.left -= calls
     if verdict is None:
-        logger.info("math grader: comparison of %r with %r stopped after %d calls", gold, prediction, calls)
+        logger.info("math grader: comparing %r with %r used up its %d calls", gold, prediction, MAX_CALLS)
         return False
     return verdict
 
@@ -344,9 +359,10 @@ def _numbers_agree(gold, prediction) -> bool:
 def _too_big(expr, depth: int = 0) -> float | None:
     """Upper bound on log10|value| of an exact numeric expression (None when it has symbols or floats).
 
-    Raises :class:`_TooBig` for anything whose exact evaluation is a single huge C computation: a power with an
-    exponent above 10^7, an exact integer above :data:`MAX_INTEGER_DIGITS` digits, a factorial or binomial of
-    more than 20,000. Such an answer is compared as a string only.
+    Raises :class:`_TooBig` for anything whose exact evaluation is a single huge C computation or an expansion
+    beyond any answer: a power with an exponent above 10^7, an exact integer above :data:`MAX_INTEGER_DIGITS`
+    digits, a factorial or binomial of more than 20,000, a sum or product raised to a power above 1,000. Such an
+    answer is compared as a string only.
     """
     from sympy import Float, MatrixBase, Pow, Rational, binomial, factorial, factorial2, gamma, subfactorial
 
@@ -361,8 +377,11 @@ def _too_big(expr, depth: int = 0) -> float | None:
     children = list(expr) if isinstance(expr, MatrixBase) else list(getattr(expr, "args", ()))
     bounds = [_too_big(child, depth + 1) for child in children]
     if not children or any(b is None for b in bounds):
-        if isinstance(expr, Pow) and bounds and bounds[-1] is not None and bounds[-1] > 7:
-            raise _TooBig  # x^{9^{9^9}}: the exponent alone is too big to evaluate
+        if isinstance(expr, Pow) and bounds and bounds[-1] is not None:
+            if bounds[-1] > 7:
+                raise _TooBig  # x^{9^{9^9}}: the exponent alone is too big to evaluate
+            if bounds[-1] > 3 and (expr.base.is_Add or expr.base.is_Mul):
+                raise _TooBig  # (x+1)^{100000}: expanding it is 100,001 terms with 30,000-digit coefficients
         return None
     if isinstance(expr, Pow):
         base, exponent = bounds
