@@ -1,4 +1,4 @@
-"""``peft-arena``: the entry points' verbs plus ``methods``, ``benchmarks``, ``count-params`` and ``demo``.
+"""``peft-arena``: the entry points' verbs plus ``methods``, ``benchmarks``, ``count-params``, ``doctor`` and ``demo``.
 
 Every stage verb takes the fields of its config (``peft_arena/config.py``) as ``--field value``, a recipe
 (``--config recipe.yaml``), dotted overrides (``--set "lr=1e-4 method.r=16"``), and any other ``--key value``
@@ -170,6 +170,19 @@ def run_stage(stage: str, recipe: str | None, overrides: dict, argv: list[str] |
         return {"run_id": tracker.run_id, **(result or {})}
 
 
+def _doctor_sweep() -> None:
+    """The cheap part of ``doctor`` before every stage: end runs whose process died, remove half registrations."""
+    if os.environ.get("PEFT_ARENA_NO_SWEEP") or os.environ.get("RANK", "0") != "0":  # one sweep per job
+        return
+    from peft_arena.tracking.doctor import sweep
+
+    try:
+        sweep(exclude={os.environ.get("MLFLOW_RUN_ID", ""), os.environ.get("PEFT_ARENA_RUN_ID", "")})
+    except Exception as exc:  # the stage itself still runs; the user hears why the repair did not
+        print(f"[peft-arena] warning: the store check failed ({type(exc).__name__}: {exc}); "
+              "run `peft-arena doctor` to retry it", file=sys.stderr)
+
+
 def _num_processes(stage: str, recipe: str | None, overrides: dict) -> int:
     try:
         return build_config(stage, recipe, overrides).num_processes
@@ -206,6 +219,7 @@ def _run_off_main(stage: str, recipe: str | None, overrides: dict) -> dict:
 
 
 def _cmd_stage(args, extra: list[str], argv: list[str] | None = None) -> int:
+    _doctor_sweep()
     overrides = {k: v for k, v in vars(args).items()
                  if k not in ("stage", "config", "set", "json", "command")}
     overrides.update(parse_assignments(args.set))
@@ -270,6 +284,29 @@ def _cmd_count_params(args) -> int:
     return 0
 
 
+def _cmd_doctor(args) -> int:
+    from peft_arena.tracking.doctor import run_doctor
+
+    result = run_doctor(args.outputs, dry_run=args.dry_run)
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+        return 0
+    verb = "would " if args.dry_run else ""
+    for e in result["dead_runs"]:
+        print(f"run {e['run_id']} ({e['stage']}): {verb}end FAILED: {e['why']}")
+    for e in result["unjudged_runs"]:
+        print(f"run {e['run_id']} ({e['stage']}): left RUNNING: {e['why']}")
+    for e in result["half_registrations"]:
+        print(f"version {e['version']} of {e['name']!r}: {verb}remove: {e['why']}")
+    for key, what in (("pruned_outputs", "local output"), ("pruned_cache", "cache entry")):
+        for e in result[key]:
+            print(f"{what} {e['path']} ({e['bytes'] / 2**20:.1f} MiB): {verb}remove: {e['why']}")
+    if not any(result[k] for k in ("dead_runs", "unjudged_runs", "half_registrations", "pruned_outputs",
+                                   "pruned_cache")):
+        print("doctor: nothing to repair or prune")
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from peft_arena.demo import run_demo
 
@@ -300,6 +337,13 @@ def build_parser(listings_for: tuple[str, ...] = ()) -> argparse.ArgumentParser:
     p.add_argument("--method", required=True)
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="method option, e.g. --set r=16")
     p.add_argument("--json", action="store_true")
+    p = sub.add_parser("doctor", help="end runs whose process died (FAILED, reason in arena.error), remove versions "
+                                      "a killed promote left half-registered, prune local outputs and the download "
+                                      "cache", description="Repairs the store in MLFLOW_TRACKING_URI. Every stage "
+                       "command does the first two cheaply before it starts. Pruning policy: docs/ARCHITECTURE.md.")
+    p.add_argument("--outputs", default=".arena/outputs", help="training runs' local output folder to prune")
+    p.add_argument("--dry-run", action="store_true", help="say what would be done, change nothing")
+    p.add_argument("--json", action="store_true")
     p = sub.add_parser("demo", help="a small arena on the embedded model: SFT LoRA and OFT, promote, evaluate "
                                     "(and the base), spectral, report; prints how to open the MLflow UI")
     p.add_argument("--dir", default="demo_arena", help="folder for the demo's MLflow store and outputs")
@@ -321,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         handler = {"methods": _cmd_methods, "benchmarks": _cmd_benchmarks, "count-params": _cmd_count_params,
-                   "demo": _cmd_demo}[args.command]
+                   "doctor": _cmd_doctor, "demo": _cmd_demo}[args.command]
         return handler(args)
     except KeyboardInterrupt:
         print("peft-arena: interrupted", file=sys.stderr)

@@ -98,6 +98,7 @@ class PromoteConfig:
     domain: str = ""  # default: the training run's domain
     merge_dtype: str = "auto"  # auto (bfloat16 on a GPU, float32 on CPU) | float32 | bfloat16: the saved dtype
     device: str = "auto"  # where the merge runs: auto (cuda when available) | cpu | cuda
+    max_merge_logit_diff: float = 0.0  # refuse a merge that moves the logits more; 0 = by merge dtype (1e-2 fp32, 1 bf16/fp16)
     alias: str = "candidate"  # candidate | champion
     model_uri: str = ""  # for alias=champion: the evaluated version (models:/NAME/N)
     policy: str = "registry/policy.yaml"

@@ -23,9 +23,20 @@ Keep every probe small: the tiny model (``peft_arena.models.ensure_tiny``), a sq
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
 import pytest
 
 probe = pytest.mark.probe
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _failed_stage(stage: str, overrides: dict, match: str):
@@ -56,12 +67,475 @@ def test_unknown_method_is_refused_with_a_failed_run(mlflow_store):
 
 
 # ================================================================================================ runs
+# A run whose process died must not stay RUNNING: its heartbeat lease tells, and `peft-arena doctor` (run cheaply
+# before every stage command) ends it FAILED with the reason in arena.error.
+
+
+def _spawn(code: str, env: dict | None = None) -> subprocess.Popen:
+    """A Python child process against the current store (its stdout is read line by line)."""
+    full = {**os.environ, **(env or {}), "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], stdout=subprocess.PIPE, text=True,
+                            env=full, cwd=os.getcwd())
+
+
+def _kill9(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+@probe("runs", "kill -9 of a stage process: the next peft-arena command ends its run FAILED")
+def test_killed_stage_run_is_ended_by_the_next_command(mlflow_store, capsys):
+    import mlflow
+
+    from peft_arena import cli
+
+    victim = _spawn("""
+        import time
+        from peft_arena.tracking.runs import arena_run
+        with arena_run("train_sft") as tracker:
+            print(tracker.run_id, flush=True)
+            time.sleep(600)
+    """)
+    run_id = victim.stdout.readline().strip()
+    assert mlflow.get_run(run_id).info.status == "RUNNING"
+    heartbeat = json.loads(mlflow.get_run(run_id).data.tags["arena.heartbeat"])
+    assert heartbeat["pid"] == victim.pid
+    _kill9(victim)
+    assert mlflow.get_run(run_id).info.status == "RUNNING"  # what the issue found: RUNNING forever
+    # any stage command sweeps first; this one then fails on its own missing argument
+    assert cli.main(["promote"]) != 0
+    run = mlflow.get_run(run_id)
+    assert run.info.status == "FAILED"
+    assert "process died" in run.data.tags["arena.error"] and f"pid {victim.pid}" in run.data.tags["arena.error"]
+    assert f"run {run_id}" in capsys.readouterr().err
+
+
+def _run_with_beat(client, experiment_id: str, beat: dict | None, stage: str = "evaluate") -> str:
+    run = client.create_run(experiment_id, tags={"arena.stage": stage})
+    if beat is not None:
+        client.set_tag(run.info.run_id, "arena.heartbeat", json.dumps(beat))
+    return run.info.run_id
+
+
+@probe("runs", "doctor: lease expired on another host / fresh lease / reused pid / no heartbeat")
+def test_doctor_judges_leases(mlflow_store, capsys):
+    import mlflow
+
+    from peft_arena import cli
+    from peft_arena.tracking.heartbeat import identity
+
+    client = mlflow.MlflowClient()
+    exp = mlflow.create_experiment("leases")
+    now = time.time()
+    far = {"host": "elsewhere", "pid": 4242, "pidns": "", "start": "", "every": 30}
+    expired = _run_with_beat(client, exp, {**far, "at": now - 1000})
+    fresh = _run_with_beat(client, exp, {**far, "at": now - 5})
+    me = {**identity(), "every": 30}
+    alive_here = _run_with_beat(client, exp, {**me, "at": now - 10_000})  # old beat, but the process is alive
+    reused_pid = _run_with_beat(client, exp, {**me, "start": "1", "at": now})  # same pid, another process
+    no_beat = _run_with_beat(client, exp, None)
+    assert cli.main(["doctor", "--dry-run", "--json"]) == 0
+    planned = json.loads(capsys.readouterr().out)
+    assert {e["run_id"] for e in planned["dead_runs"]} == {expired, reused_pid}
+    assert client.get_run(expired).info.status == "RUNNING"  # a dry run changes nothing
+    assert cli.main(["doctor", "--json"]) == 0
+    done = json.loads(capsys.readouterr().out)
+    assert {e["run_id"] for e in done["dead_runs"]} == {expired, reused_pid}
+    assert no_beat in {e["run_id"] for e in done["unjudged_runs"]}
+    status = {r: client.get_run(r).info.status for r in (expired, fresh, alive_here, reused_pid, no_beat)}
+    assert status == {expired: "FAILED", fresh: "RUNNING", alive_here: "RUNNING", reused_pid: "FAILED",
+                      no_beat: "RUNNING"}
+    error = client.get_run(expired).data.tags["arena.error"]
+    assert "stopped beating" in error and "lease 150 s" in error
+    info = client.get_run(expired).info  # ended at its last beat (not before it started)
+    assert info.end_time == max(int((now - 1000) * 1000), info.start_time)
+
+
+@probe("runs", "a stage run beats while it works and stops beating when it ends")
+def test_heartbeat_is_renewed_while_the_stage_runs(mlflow_store, monkeypatch):
+    import mlflow
+
+    from peft_arena.tracking.runs import arena_run
+
+    monkeypatch.setenv("PEFT_ARENA_HEARTBEAT_S", "0.2")
+    with arena_run("evaluate") as tracker:
+        first = json.loads(mlflow.get_run(tracker.run_id).data.tags["arena.heartbeat"])["at"]
+        time.sleep(1.0)
+        second = json.loads(mlflow.get_run(tracker.run_id).data.tags["arena.heartbeat"])["at"]
+    assert second > first
+    assert mlflow.get_run(tracker.run_id).info.status == "FINISHED"
 
 
 # ================================================================================================ registry
+# promote's gates (FINISHED run, complete adapter, finite merge fidelity within a bound), atomic registration
+# (a killed promote is cleaned up), concurrent model creation and alias moves, one base evaluation under concurrency.
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A sqlite store with one promoted version of a tiny LoRA (``tiny-math`` v1, alias candidate)."""
+    import mlflow
+
+    from peft_arena.models import ensure_tiny
+
+    root = tmp_path_factory.mktemp("reliability-store")
+    uri = f"sqlite:///{root}/mlflow.db"
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", uri)
+    mp.setenv("MLFLOW_EXPERIMENT_NAME", "reliability")
+    mp.setenv("PEFT_ARENA_CACHE", str(root / "cache"))
+    mp.delenv("MLFLOW_RUN_ID", raising=False)
+    mp.chdir(root)
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.create_experiment("reliability", artifact_location=(root / "mlartifacts").as_uri())
+    info = {"root": root, "uri": uri, "experiment": exp, "tiny": ensure_tiny()}
+    info["train_run"] = _training_run(info)
+    _promote(info["train_run"])
+    yield info
+    mlflow.set_tracking_uri(None)
+    mp.undo()
+
+
+def _adapter(store, seed: int = 0, mutate=None) -> Path:
+    """A LoRA on the tiny model with non-zero B (merging changes the weights); ``mutate(state_dict)`` damages it."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from peft_arena.methods import ops
+    from peft_arena.models import load_model, load_tokenizer
+
+    model, options = ops.build(load_model(str(store["tiny"])), "lora")
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    out = store["root"] / f"adapter-{seed}-{mutate.__name__ if mutate else 'ok'}"
+    ops.save_trained(model, "lora", options, out, base_model="tiny", base_source=str(store["tiny"]),
+                     tokenizer=load_tokenizer(str(store["tiny"])))
+    if mutate is not None:
+        weights = load_file(out / "adapter_model.safetensors")
+        save_file(mutate(weights), out / "adapter_model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+def _training_run(store, adapter: Path | None = None, status: str = "FINISHED", error: str = "") -> str:
+    """A train_sft run holding ``adapter`` (default: a fresh good one), ended with ``status``."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    run = client.create_run(store["experiment"], tags={
+        "arena.stage": "train_sft", "arena.method": "lora", "arena.method_label": "r8", "arena.domain": "math",
+        "arena.base_model": "tiny", "arena.base_source": str(store["tiny"]), "arena.train": "sft",
+        **({"arena.error": error} if error else {})})
+    client.log_artifacts(run.info.run_id, str(adapter or _adapter(store)), "adapter")
+    client.set_terminated(run.info.run_id, status)
+    return run.info.run_id
+
+
+def _promote(source_run: str, **overrides) -> dict:
+    from peft_arena.cli import run_stage
+
+    return run_stage("promote", None, {"source_run": source_run, **overrides})
+
+
+def _registry_state(name: str = "tiny-math") -> dict:
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    return {"versions": sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'")),
+            "aliases": {k: str(v) for k, v in client.get_registered_model(name).aliases.items()}}
+
+
+def _last_run(stage: str):
+    import mlflow
+
+    return mlflow.search_runs(search_all_experiments=True, filter_string=f"tags.`arena.stage` = '{stage}'",
+                              order_by=["attributes.start_time DESC"], max_results=1, output_format="list")[0]
+
+
+def _renamed_lora_a(weights):
+    return {k.replace("lora_A", "lora_X"): v for k, v in weights.items()}
+
+
+def _nan_weights(weights):
+    return {k: v.fill_(float("nan")) if "lora_B" in k else v for k, v in weights.items()}
+
+
+@probe("registry", "promote refuses: FAILED training run / renamed lora_A keys / NaN adapter / fidelity over bound")
+@pytest.mark.parametrize("fault", ["failed_run", "renamed_lora_a", "nan_adapter", "fidelity_bound"])
+def test_promote_gates_refuse_and_leave_nothing_behind(store, fault):
+    import mlflow
+
+    before = _registry_state()
+    logged_before = len(mlflow.search_logged_models(experiment_ids=[store["experiment"]], output_format="list"))
+    overrides, match = {}, ""
+    if fault == "failed_run":
+        source, match = _training_run(store, status="FAILED", error="RuntimeError: loss diverged"), "not FINISHED"
+    elif fault == "renamed_lora_a":
+        source, match = _training_run(store, _adapter(store, 1, _renamed_lora_a)), "does not load completely"
+    elif fault == "nan_adapter":
+        source, match = _training_run(store, _adapter(store, 2, _nan_weights)), "not finite|NaNs detected"
+    else:
+        source, match = _training_run(store), "changed the logits by"
+        overrides = {"max_merge_logit_diff": 1e-12}  # a float32 merge moves logits by ~1e-7: over this bound
+    with pytest.raises(Exception, match=match):
+        _promote(source, **overrides)
+    run = _last_run("promote")
+    assert run.info.status == "FAILED" and run.data.tags["arena.error"]
+    assert _registry_state() == before  # no version, alias untouched
+    assert len(mlflow.search_logged_models(experiment_ids=[store["experiment"]], output_format="list")) \
+        == logged_before
+
+
+@probe("registry", "kill -9 during promote (alias moved, registration not complete): refused, then cleaned up")
+def test_killed_promote_is_cleaned_up_by_the_next_command(store, capsys):
+    import mlflow
+
+    from peft_arena import cli
+    from peft_arena.tracking import registry as reg
+
+    before = _registry_state()
+    source = _training_run(store)
+    victim = _spawn(f"""
+        import os, signal
+        from peft_arena import cli
+        from peft_arena.tracking import aliases
+        real = aliases.move_alias
+        def move_then_die(*args, **kwargs):
+            real(*args, **kwargs)
+            os.kill(os.getpid(), signal.SIGKILL)  # killed after the alias moved, before the version is complete
+        aliases.move_alias = move_then_die
+        cli.main(["promote", "--source_run", "{source}"])
+    """)
+    victim.wait(timeout=300)
+    assert victim.returncode == -signal.SIGKILL
+    half = _registry_state()
+    new = max(half["versions"])
+    assert half["aliases"]["candidate"] == str(new) and new not in before["versions"]
+    with pytest.raises(reg.RegistryError, match="not registered completely"):
+        reg.resolve_model_uri("models:/tiny-math@candidate")  # never visible as usable
+    assert cli.main(["doctor"]) == 0
+    assert f"version {new} of 'tiny-math'" in capsys.readouterr().out
+    assert _registry_state() == before  # the version is gone, candidate is back on its previous holder
+    promote = _last_run("promote")
+    assert promote.info.status == "FAILED" and "process died" in promote.data.tags["arena.error"]
+    assert not mlflow.search_logged_models(experiment_ids=[store["experiment"]], output_format="list",
+                                           filter_string=f"source_run_id = '{promote.info.run_id}'")
+
+
+@probe("registry", "4 concurrent first promotions into a new model name all succeed, alias history consistent")
+def test_concurrent_first_promotions(store, tmp_path):
+    import mlflow
+
+    from peft_arena.tracking import registry as reg
+
+    n = 4
+    sources = [_training_run(store) for _ in range(n)]
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    procs = [_spawn(f"""
+        import time
+        from pathlib import Path
+        from peft_arena import cli
+        from peft_arena.tracking import registration
+        real = registration._register_locked
+        def together(*args, **kwargs):  # line the processes up at the registry step, so they really race
+            Path("{barrier}", "{i}").touch()
+            deadline = time.time() + 240
+            while len(list(Path("{barrier}").iterdir())) < {n} and time.time() < deadline:
+                time.sleep(0.02)
+            return real(*args, **kwargs)
+        registration._register_locked = together
+        raise SystemExit(cli.main(["promote", "--source_run", "{src}", "--domain", "race"]))
+    """) for i, src in enumerate(sources)]
+    codes = [p.wait(timeout=400) for p in procs]
+    assert codes == [0] * n
+    state = _registry_state("tiny-race")
+    assert state["versions"] == list(range(1, n + 1))
+    sets, removed = {}, {}
+    for v in state["versions"]:
+        for entry in reg.alias_history("tiny-race", v):
+            assert entry["alias"] == "candidate"
+            if entry["action"] == "set":
+                sets[v] = entry["replaced_version"]
+            else:
+                removed[v] = removed.get(v, 0) + 1
+    assert set(sets) == set(state["versions"])  # no lost 'set' entry
+    replaced = [r for r in sets.values() if r is not None]
+    assert len(replaced) == len(set(replaced)) == n - 1  # no two versions replaced the same one
+    assert list(sets.values()).count(None) == 1  # exactly one was first
+    holder = int(state["aliases"]["candidate"])
+    assert str(holder) not in replaced and set(removed) == {int(r) for r in replaced}
+    assert all(count == 1 for count in removed.values())
+    client = mlflow.MlflowClient()
+    assert all(client.get_model_version("tiny-race", v).tags["arena.registration"] == "complete"
+               for v in state["versions"])
+
+
+@probe("registry", "store lock: concurrent read-modify-write loses nothing (file lock and MLflow-side CAS)")
+@pytest.mark.parametrize("kind", ["file", "mlflow"])
+def test_store_lock_serialises_read_modify_write(store, monkeypatch, kind):
+    import mlflow
+
+    from peft_arena.tracking.locks import LOCK_MODEL_PREFIX, store_lock
+
+    monkeypatch.setenv("PEFT_ARENA_LOCK", kind)
+    client = mlflow.MlflowClient()
+    run = client.create_run(store["experiment"])
+    client.set_tag(run.info.run_id, "counter", "0")
+    errors = []
+
+    def bump(times: int) -> None:
+        try:
+            for _ in range(times):
+                with store_lock(f"counter/{run.info.run_id}"):
+                    value = int(client.get_run(run.info.run_id).data.tags["counter"])
+                    time.sleep(0.005)  # widen the window a lost update needs
+                    client.set_tag(run.info.run_id, "counter", str(value + 1))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=bump, args=(5,)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert client.get_run(run.info.run_id).data.tags["counter"] == "20"
+    assert not [m for m in client.search_registered_models() if m.name.startswith(LOCK_MODEL_PREFIX)]
+
+
+@probe("registry", "8 concurrent evaluations share one base evaluation (and lose no eval_history entry)")
+def test_concurrent_evaluations_share_one_base_evaluation(store):
+    import mlflow
+
+    from peft_arena.cli import run_stage
+    from peft_arena.tracking.versions import EVAL_HISTORY_TAG
+
+    n, results, errors = 8, [], []
+    settings = {"model_uri": "models:/tiny-math/1", "suite": "gsm8k", "limit": 1, "max_new_tokens": 3}
+
+    def evaluate() -> None:
+        try:
+            results.append(run_stage("evaluate", None, dict(settings)))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=evaluate) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    runs = {r["run_id"]: mlflow.get_run(r["run_id"]) for r in results}
+    base_runs = {r.data.tags["arena.base_eval_run"] for r in runs.values()}
+    assert len(base_runs) == 1
+    key = mlflow.get_run(base_runs.pop()).data.tags["arena.eval_key"]
+    same_key = mlflow.search_runs(search_all_experiments=True, output_format="list", filter_string=(
+        f"tags.`arena.is_base` = 'true' AND tags.`arena.eval_key` = '{key}'"))
+    assert len(same_key) == 1
+    history = json.loads(mlflow.MlflowClient().get_model_version("tiny-math", "1").tags[EVAL_HISTORY_TAG])
+    assert set(runs) <= {e["run"] for e in history}
 
 
 # ================================================================================================ stages
 
 
+@probe("stages", "spectral on a base model without an update is refused with a clear error")
+def test_spectral_refuses_a_model_without_an_update(store):
+    _failed_stage("spectral", {"model_uri": "tiny"}, "base model, not a finetuned one")
+
+
+@probe("stages", "spectral on an untrained adapter (B = 0: no update) is refused")
+def test_spectral_refuses_an_untrained_adapter(store):
+    import torch
+
+    def zero_b(weights):
+        return {k: torch.zeros_like(v) if "lora_B" in k else v for k, v in weights.items()}
+
+    source = _training_run(store, _adapter(store, 5, zero_b))
+    _failed_stage("spectral", {"model_uri": f"runs:/{source}/adapter"}, "has no update")
+
+
+@probe("stages", "report after evaluations that covered only target / only general benchmarks")
+@pytest.mark.parametrize("suite", ["gsm8k", "nq"])
+def test_report_on_a_subset_of_benchmarks(store, tmp_path, suite):
+    from peft_arena.cli import run_stage
+
+    run_stage("evaluate", None, {"model_uri": "models:/tiny-math/1", "suite": suite, "limit": 1, "max_new_tokens": 2,
+                                 "run_name": f"only-{suite}"})
+    out = run_stage("report", None, {"output_dir": str(tmp_path / "report"), "experiments": "reliability"})
+    assert (tmp_path / "report" / "pareto.png").stat().st_size > 0
+    assert out["models"] >= 1
+
+
 # ================================================================================================ disk
+
+
+@probe("disk", "a finished training stage leaves no local adapter copy in .arena/outputs")
+def test_training_stage_removes_its_local_copy(mlflow_store):
+    import mlflow
+
+    from peft_arena.cli import run_stage
+
+    out = run_stage("train_sft", None, {"adapter": "lora", "base_model": "tiny", "max_steps": 1, "limit": 2,
+                                        "output_dir": ".arena/outputs"})
+    assert not (Path(".arena/outputs") / out["run_id"]).exists()
+    assert out["adapter_uri"] == f"runs:/{out['run_id']}/adapter"
+    names = {a.path for a in mlflow.MlflowClient().list_artifacts(out["run_id"], "adapter")}
+    assert "adapter/adapter_model.safetensors" in names
+
+
+@probe("disk", "doctor prunes .arena/outputs by the documented policy")
+def test_doctor_prunes_outputs(mlflow_store, monkeypatch):
+    import mlflow
+
+    from peft_arena.tracking.doctor import prune_outputs
+
+    client = mlflow.MlflowClient()
+    exp = mlflow.create_experiment("outputs")
+    root = Path(".arena/outputs")
+
+    def run_folder(status: str | None, age_days: float = 0) -> Path:
+        run_id = client.create_run(exp).info.run_id if status else "0" * 32
+        if status and status != "RUNNING":
+            client.set_terminated(run_id, status)
+        folder = root / run_id / "trainer" / "checkpoint-1"
+        folder.mkdir(parents=True)
+        (folder / "adapter_model.safetensors").write_bytes(b"x" * 1000)
+        old = time.time() - age_days * 86400
+        for p in [root / run_id, *(root / run_id).rglob("*")]:
+            os.utime(p, (old, old))
+        return root / run_id
+
+    finished, failed_new, failed_old = run_folder("FINISHED"), run_folder("FAILED", 1), run_folder("KILLED", 30)
+    running, foreign = run_folder("RUNNING", 30), run_folder(None, 30)
+    monkeypatch.setenv("PEFT_ARENA_KEEP_FAILED_DAYS", "7")
+    removed = {Path(e["path"]) for e in prune_outputs(root)}
+    assert removed == {finished, failed_old}
+    assert not finished.exists() and not failed_old.exists()
+    assert failed_new.exists() and running.exists() and foreign.exists()
+
+
+@probe("disk", "doctor prunes the registry download cache (age, then least recently used over the size cap)")
+def test_doctor_prunes_the_download_cache(tmp_path, monkeypatch):
+    from peft_arena.tracking.doctor import prune_download_cache
+
+    cache = tmp_path / "registry"
+
+    def entry(name: str, age_days: float, size: int) -> Path:
+        folder = cache / name / "artifacts"
+        folder.mkdir(parents=True)
+        (folder / "model.safetensors").write_bytes(b"x" * size)
+        old = time.time() - age_days * 86400
+        os.utime(cache / name, (old, old))
+        return cache / name
+
+    stale, lru, newer, recent = entry("m-stale", 20, 10), entry("m-lru", 3, 600), entry("m-newer", 2, 600), \
+        entry("m-recent", 0, 600)
+    monkeypatch.setenv("PEFT_ARENA_CACHE_KEEP_DAYS", "14")
+    monkeypatch.setenv("PEFT_ARENA_CACHE_MAX_GB", str(1500 / 2**30))  # room for two of the three large entries
+    removed = {Path(e["path"]) for e in prune_download_cache(cache)}
+    assert removed == {stale, lru}
+    assert newer.exists() and recent.exists()

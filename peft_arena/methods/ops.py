@@ -152,7 +152,30 @@ def load_trained(base_source_or_model, trained_dir: str | Path, dtype: str = "fl
         from peft_arena.methods.boft import install_block_diag_kernel
 
         install_block_diag_kernel()  # else peft rebuilds the layers with one butterfly factor
-    return PeftModel.from_pretrained(base, str(trained_dir))
+    return _load_complete(PeftModel, base, trained_dir)
+
+
+def _load_complete(peft_model_cls, base, trained_dir: str | Path):
+    """``PeftModel.from_pretrained``, refusing an adapter whose weights do not all load.
+
+    peft only warns ("Found missing adapter keys") and leaves the missing matrices at their initialisation, e.g. a
+    random ``lora_A`` when the keys were renamed; merged, that is a different model than the trained one. peft's own
+    check decides what counts as missing (shared parameters are filtered out there), so there are no false alarms.
+    """
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = peft_model_cls.from_pretrained(base, str(trained_dir))
+    for w in caught:
+        if "missing adapter keys" in str(w.message):
+            text = str(w.message)
+            raise MethodError(f"the adapter in {trained_dir} does not load completely ({text[:300]}"
+                              f"{'…' if len(text) > 300 else ''}); its weight names do not match the model: "
+                              "it was renamed, truncated or saved for another base; retrain or restore it")
+    for w in caught:  # everything else as it would have been shown
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return model
 
 
 def merge(model):

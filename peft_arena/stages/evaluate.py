@@ -15,6 +15,7 @@ from peft_arena.config import EvalConfig
 from peft_arena.models import resolve_base
 from peft_arena.stages.lineage import lineage_of
 from peft_arena.tracking.naming import run_name
+from peft_arena.tracking.locks import store_lock
 from peft_arena.tracking.runs import find_base_evaluation, side_run
 
 
@@ -93,19 +94,21 @@ def run_evaluate(cfg: EvalConfig, tracker) -> dict:
     base_metrics = None
     if target.kind != "base" and base is not None:
         base_short, base_source = base
-        cached = find_base_evaluation(base_short, result.settings_key())
-        if cached is None:
-            print(f"[peft-arena] evaluating the base model {base_short} with the same settings (cached for reuse)",
-                  file=sys.stderr)
-            with side_run("evaluate", f"eval-base-{base_short}",
-                          {"arena.base_model": base_short, "arena.base_source": base_source,
-                           "arena.model_uri": base_short, "arena.is_base": "true"}) as base_tracker:
-                base_result = _evaluate(base_source, benchmarks, cfg)
-                if base_result.settings_key() != result.settings_key():
-                    raise RuntimeError("the base model's evaluation settings differ from the model's; "
-                                       "scores would not be comparable")
-                log_suite_result(base_tracker, base_result, base_short)
-                cached = (base_tracker.run_id, base_result.metrics)
+        # one base evaluation per settings key, also when several evaluations start at once: the others wait
+        with store_lock(f"base-eval/{base_short}/{result.settings_key()}"):
+            cached = find_base_evaluation(base_short, result.settings_key())
+            if cached is None:
+                print(f"[peft-arena] evaluating the base model {base_short} with the same settings (cached for reuse)",
+                      file=sys.stderr)
+                with side_run("evaluate", f"eval-base-{base_short}",
+                              {"arena.base_model": base_short, "arena.base_source": base_source,
+                               "arena.model_uri": base_short, "arena.is_base": "true"}) as base_tracker:
+                    base_result = _evaluate(base_source, benchmarks, cfg)
+                    if base_result.settings_key() != result.settings_key():
+                        raise RuntimeError("the base model's evaluation settings differ from the model's; "
+                                           "scores would not be comparable")
+                    log_suite_result(base_tracker, base_result, base_short)
+                    cached = (base_tracker.run_id, base_result.metrics)
         base_run_id, base_metrics = cached
         tracker.set_tags({"arena.base_eval_run": base_run_id})
 

@@ -16,12 +16,16 @@ import time
 from pathlib import Path
 
 from peft_arena.config import PromoteConfig
+from peft_arena.methods.registry import MergeError
 from peft_arena.tracking import registry as reg
 from peft_arena.tracking import search
 from peft_arena.tracking.naming import run_name
 
 # A fixed probe for the merge-fidelity number: logits of the adapter model vs the merged model on it.
 _PROBE = "Question: what is 12 times 7? Answer:"
+# Default bound on that number per merge dtype (max_merge_logit_diff=0): a float32 merge reproduces the adapter
+# model up to rounding; a 16-bit merge rounds every merged weight, which moves logits by up to a few tenths.
+MERGE_BOUNDS = {"float32": 1e-2, "bfloat16": 1.0, "float16": 1.0}
 
 
 def run_promote(cfg: PromoteConfig, tracker) -> dict:
@@ -32,6 +36,8 @@ def run_promote(cfg: PromoteConfig, tracker) -> dict:
         raise ValueError(f"promote sets alias 'candidate' (merge + register) or 'champion' (policy); got {cfg.alias!r}")
     if not cfg.source_run:
         raise ValueError("promote needs source_run=<training run id or runs:/ID/adapter>")
+    if not cfg.max_merge_logit_diff >= 0:
+        raise ValueError(f"max_merge_logit_diff={cfg.max_merge_logit_diff} must be >= 0 (0 = the bound for the dtype)")
     return _promote_candidate(cfg, tracker)
 
 
@@ -44,6 +50,10 @@ def _promote_candidate(cfg: PromoteConfig, tracker) -> dict:
     if stage not in search.TRAIN_STAGES:
         raise ValueError(f"run {run_id} is a {stage or 'untagged'} run, not a training run; pass the run that trained "
                          "the adapter")
+    if source.status != "FINISHED":
+        error = source.tags.get("arena.error")
+        raise ValueError(f"training run {run_id} is {source.status}, not FINISHED"
+                         + (f" ({error})" if error else "") + "; promote only a training run that finished")
     t = source.tags
     domain = cfg.domain or t.get("arena.domain")
     base_short = t.get("arena.base_model")
@@ -70,6 +80,7 @@ def _promote_candidate(cfg: PromoteConfig, tracker) -> dict:
         merged = ops.merge(model)  # MergeError propagates: the run ends FAILED with the reason
         # fidelity of the merged weights in the dtype they are saved in (bf16 on a GPU), against the adapter model
         fidelity = (before - _probe_logits(merged, tokenizer)).abs().max().item()
+        _check_fidelity(fidelity, cfg, dtype)
         merge_seconds = time.perf_counter() - started
         size_mb = sum(p.numel() * p.element_size() for p in merged.parameters()) / 2**20
         tracker.log_metrics({"promote/merge_seconds": merge_seconds, "promote/merge_max_abs_logit_diff": fidelity,
@@ -110,6 +121,26 @@ def _promote_champion(cfg: PromoteConfig, tracker) -> dict:
     return {"name": version.name, "version": str(version.version),
             "model_uri": f"models:/{version.name}/{version.version}", "alias": reg.CHAMPION,
             "promoted": decision.promote, "reasons": decision.reasons}
+
+
+def merge_bound(cfg: PromoteConfig, dtype: str) -> float:
+    """The largest logit change the merge may cause: ``max_merge_logit_diff``, or by the merge dtype when it is 0."""
+    if cfg.max_merge_logit_diff:
+        return cfg.max_merge_logit_diff
+    return MERGE_BOUNDS.get(dtype, MERGE_BOUNDS["float32"])
+
+
+def _check_fidelity(fidelity: float, cfg: PromoteConfig, dtype: str) -> None:
+    """The merged model must compute what the adapter model computed: a finite logit change within the bound."""
+    import math
+
+    bound = merge_bound(cfg, dtype)
+    if not math.isfinite(fidelity):
+        raise MergeError(f"the merged model's logits differ from the adapter model's by {fidelity} (not finite): the "
+                         "adapter holds non-finite weights or the merge overflowed; nothing was registered")
+    if fidelity > bound:
+        raise MergeError(f"the merge changed the logits by {fidelity:.4g} > {bound:g} (max_merge_logit_diff for "
+                         f"{dtype}): the merged model is not the trained one; nothing was registered")
 
 
 def _base_source(record: dict, tags: dict) -> str:

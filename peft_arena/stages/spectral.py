@@ -45,6 +45,9 @@ def run_spectral(cfg: SpectralConfig, tracker) -> dict:
     layers = _int_list(cfg.layers, "layers")
     modules = _str_list(cfg.modules)
     target = lineage_of(cfg.model_uri, prefer_adapter=True)
+    if target.kind == "base":
+        raise ConfigError(f"{cfg.model_uri} is a base model, not a finetuned one: spectral profiles the update a "
+                          "finetuning made; pass a training run's adapter (runs:/ID/adapter) or a registry URI")
     lineage = target.lineage
     if cfg.base_model:
         base_source = resolve_base(cfg.base_model).source
@@ -64,6 +67,10 @@ def run_spectral(cfg: SpectralConfig, tracker) -> dict:
     try:
         summary = analyze(base_source, target.path, layers=layers, modules=modules, window=cfg.window,
                           top_k=cfg.top_k, device=cfg.device, out_dir=str(out))
+        if summary.get("norms", {}).get("num_changed_tensors") == 0:
+            raise ValueError(f"{cfg.model_uri} has no update: every analysed weight equals its base's "
+                             f"({base_source}); it is the base model or an untrained adapter, so there is nothing "
+                             "to profile")
         tracker.log_metrics({**summary["metrics"], **summary["per_layer_metrics"]})
         tracker.log_metrics({f"spectral/timing/{k}_s": v for k, v in summary["timings"].items()})
         tracker.log_artifacts(out, "spectral")

@@ -57,7 +57,17 @@ def run_train_sft(cfg: SFTConfig, tracker) -> dict:
     from peft_arena.training.sft import train_sft
 
     out, _ = _prepare(cfg, "train_sft", "sft", tracker)
-    return train_sft(cfg, tracker, out)
+    return _logged(train_sft(cfg, tracker, out), out, tracker)
+
+
+def _logged(result: dict, out: Path, tracker) -> dict:
+    """The adapter is in MLflow now (``runs:/<run>/adapter``): the local working copy goes (disk hygiene; the
+    copies of runs that did not finish are kept for ``--resume`` and pruned by ``peft-arena doctor``)."""
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)
+    result.pop("adapter_dir", None)
+    return {**result, "adapter_uri": f"runs:/{tracker.run_id}/adapter"}
 
 
 def run_train_grpo(cfg: GRPOStageConfig, tracker) -> dict:
@@ -77,5 +87,5 @@ def run_train_grpo(cfg: GRPOStageConfig, tracker) -> dict:
     records = load_records(cfg.data or default_data(cfg.domain), cfg.domain, limit=cfg.limit or None, seed=cfg.seed)
     records, monitor = attach_monitor(cfg, records, tracker, out, train="grpo", domain=cfg.domain,
                                       source=cfg.data or default_data(cfg.domain), seed=cfg.seed)
-    return train_grpo(base.source, base.source, cfg.adapter, cfg.method_options, records, cfg.domain, recipe,
-                      str(out), tracker, extra_callbacks=monitor)
+    return _logged(train_grpo(base.source, base.source, cfg.adapter, cfg.method_options, records, cfg.domain, recipe,
+                              str(out), tracker, extra_callbacks=monitor), out, tracker)

@@ -11,6 +11,7 @@ import json
 import os
 import socket
 
+from peft_arena.tracking.locks import store_lock
 from peft_arena.tracking.versions import (ALIAS_HISTORY_TAG, EVAL_HISTORY_TAG, SCORE_KEYS, SCORE_TAG, TAG_LIMIT,
                                           RegistryError, alias_holder, fit_tag, mlflow_client, now, require_version)
 
@@ -25,15 +26,21 @@ def default_actor() -> str:
     return f"{user}@{socket.gethostname()}"
 
 
-
-
 def move_alias(name: str, alias: str, version: str | int, reason: str, scores: dict[str, float] | None = None,
                actor: str | None = None) -> None:
     """Point ``alias`` at ``version`` and record the move on the versions involved.
 
     The new holder gets ``arena.alias.<alias>.set_at/set_by/why/scores`` and an entry in ``arena.alias_history``;
     the previous holder (if another version) gets ``arena.alias.<alias>.removed_at/why`` and a history entry.
+    Runs under the store lock ``registry/<name>``: concurrent moves are serialised, so each records the holder it
+    really replaced and no history entry is lost.
     """
+    with store_lock(f"registry/{name}"):
+        _move_alias(name, alias, version, reason, scores, actor)
+
+
+def _move_alias(name: str, alias: str, version: str | int, reason: str, scores: dict[str, float] | None,
+                actor: str | None) -> None:
     if not reason:
         raise RegistryError("an alias move needs a reason (it is recorded on the version)")
     client = mlflow_client()
@@ -95,6 +102,11 @@ def version_scores(tags: dict[str, str]) -> dict[str, float]:
 
 
 def _append_history(client, name: str, version: str, tag: str, entry: dict) -> None:
+    with store_lock(f"registry/{name}"):  # read-modify-write of one tag: a concurrent append must not be lost
+        _append_history_locked(client, name, version, tag, entry)
+
+
+def _append_history_locked(client, name: str, version: str, tag: str, entry: dict) -> None:
     mv = client.get_model_version(name, version)
     history = json.loads(mv.tags.get(tag, "[]"))
     history.append(entry)

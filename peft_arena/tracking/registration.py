@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from peft_arena.tracking import aliases
-from peft_arena.tracking.versions import RegistryError, alias_holder, mlflow_client
+from peft_arena.tracking.locks import store_lock
+from peft_arena.tracking.versions import (PENDING_TAG, PREVIOUS_TAG_PREFIX, PROMOTE_RUN_TAG, RegistryError, alias_holder,
+                                          mlflow_client)
 
 
 def register_merged_model(merged_dir: str | Path | None, name: str, tags: dict[str, Any], tracker_run_id: str, *,
@@ -24,12 +26,17 @@ def register_merged_model(merged_dir: str | Path | None, name: str, tags: dict[s
     The version gets ``tags`` (arena.method, arena.train, arena.domain, arena.base_model, arena.source_run);
     the LoggedModel gets them too, so ``search_logged_models`` can filter. With ``alias`` the alias is moved to
     the new version (:func:`move_alias`, recorded with ``reason``) as part of the same all-or-nothing step.
-    On any failure the version, the registered model (if this call created it) and the LoggedModel are deleted
-    and the alias is pointed back at its previous holder, then the error is raised. Returns the ``ModelVersion``.
+
+    Atomic from the outside: the version is created with ``arena.registration=pending`` (URIs naming it are
+    refused) and turns ``complete`` only as the very last step, after its alias moved. The registry steps run under
+    the store lock ``registry/<name>``, so concurrent promotions into one name serialise there (model creation,
+    version, alias and its history). On any failure the version, the registered model (if it is left without
+    versions) and the LoggedModel are deleted and the alias is pointed back at its previous holder, then the error
+    is raised; a process killed half-way leaves a ``pending`` version that :func:`undo_pending` (``peft-arena
+    doctor``, run at the start of every command) removes the same way. Returns the ``ModelVersion``.
     """
     import mlflow
     import mlflow.transformers
-    from mlflow.exceptions import MlflowException
 
     from peft_arena.models import load_model, load_tokenizer
 
@@ -41,16 +48,8 @@ def register_merged_model(merged_dir: str | Path | None, name: str, tags: dict[s
         raise RegistryError("register_merged_model(model=...) needs the tokenizer too")
     client = mlflow_client()
     clean_tags = {k: str(v) for k, v in tags.items() if v not in (None, "")}
-    created_model, logged_id, version, previous = False, None, None, None
+    logged_id = None
     try:
-        try:
-            client.get_registered_model(name)
-        except MlflowException:
-            client.create_registered_model(
-                name, tags={"arena.registry": "peft-arena"},
-                description="Merged finetuned models of one (base, domain); aliases: candidate (newest promoted), "
-                            "champion (moved only through registry/policy.yaml).")
-            created_model = True
         run = client.get_run(tracker_run_id)
         logged = mlflow.initialize_logged_model(name="model", source_run_id=tracker_run_id, tags=clean_tags,
                                                 experiment_id=run.info.experiment_id)
@@ -67,18 +66,112 @@ def register_merged_model(merged_dir: str | Path | None, name: str, tags: dict[s
             metadata={"arena": clean_tags}, model_card=_model_card(name, clean_tags))
         if owned:
             del model
-        version = mlflow.register_model(f"models:/{logged_id}", name, tags=clean_tags)
+        with store_lock(f"registry/{name}"):
+            return _register_locked(client, name, logged_id, clean_tags, tracker_run_id, alias, reason, actor)
+    except BaseException:
+        if logged_id is not None:
+            _quietly(lambda: client.delete_logged_model(logged_id))
+        raise
+
+
+def _register_locked(client, name: str, logged_id: str, tags: dict[str, str], promote_run: str, alias: str | None,
+                     reason: str, actor: str | None):
+    import mlflow
+
+    created_model, version, previous = ensure_registered_model(client, name), None, None
+    try:
+        version = mlflow.register_model(f"models:/{logged_id}", name, tags={
+            **tags, PENDING_TAG: "pending", PROMOTE_RUN_TAG: promote_run,
+            **({PREVIOUS_TAG_PREFIX + alias: ""} if alias else {})})
         if version.status != "READY":
             raise RegistryError(f"version {version.version} of {name!r} ended {version.status}: {version.status_message}")
         if alias:
             previous = alias_holder(client, name, alias)
+            # written before the alias moves, so a killed process leaves what undo_pending needs to put it back
+            client.set_model_version_tag(name, version.version, PREVIOUS_TAG_PREFIX + alias,
+                                         "" if previous is None else str(previous.version))
             aliases.move_alias(name, alias, version.version, reason or "registered by promote", None, actor)
+        client.set_model_version_tag(name, version.version, PENDING_TAG, "complete")  # usable from here on
         return client.get_model_version(name, version.version)
     except BaseException:
-        _undo_registration(client, name, version, created_model, logged_id)
-        if alias and previous is not None:
-            client.set_registered_model_alias(name, alias, previous.version)
+        _undo(client, name, None if version is None else str(version.version), created_model)
         raise
+
+
+def ensure_registered_model(client, name: str) -> bool:
+    """Create the registered model ``name`` unless it exists; True when this call created it. Safe when several
+    processes create it at once (the losers of the race find it created)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+        return False
+    except MlflowException:
+        pass
+    try:
+        client.create_registered_model(
+            name, tags={"arena.registry": "peft-arena"},
+            description="Merged finetuned models of one (base, domain); aliases: candidate (newest promoted), "
+                        "champion (moved only through registry/policy.yaml).")
+        return True
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return False
+
+
+def undo_pending(name: str, version: str, why: str) -> dict:
+    """Remove a version a killed promote left ``pending``: point its aliases back at their previous holders, delete
+    the version and its LoggedModel, and the registered model if that leaves it empty. Returns what was done."""
+    client = mlflow_client()
+    with store_lock(f"registry/{name}"):
+        try:
+            mv = client.get_model_version(name, version)
+        except Exception:  # removed meanwhile by another doctor
+            return {"name": name, "version": version, "removed": False, "why": "already gone"}
+        if mv.tags.get(PENDING_TAG) != "pending":
+            return {"name": name, "version": version, "removed": False, "why": "completed meanwhile"}
+        from peft_arena.tracking.uris import model_id_of
+
+        restored = _undo(client, name, version, created_model=True, mv=mv)
+        logged_id = model_id_of(mv)
+        if logged_id:
+            _quietly(lambda: client.delete_logged_model(logged_id))
+    return {"name": name, "version": version, "removed": True, "why": why, "aliases_restored": restored,
+            "promote_run": mv.tags.get(PROMOTE_RUN_TAG)}
+
+
+def _undo(client, name: str, version: str | None, created_model: bool, mv=None) -> dict:
+    """Put aliases that point at ``version`` back on their recorded previous holders, delete the version and, if
+    this process created the registered model and it is now empty, the model. Errors here are swallowed: the
+    original error is what the user needs to see."""
+    restored = {}
+    if version is not None:
+        mv = mv or _quietly(lambda: client.get_model_version(name, version))
+        held = _quietly(lambda: client.get_registered_model(name).aliases) or {}
+        for alias, holder in held.items():
+            if str(holder) != version:
+                continue
+            before = (mv.tags if mv else {}).get(PREVIOUS_TAG_PREFIX + alias, "")
+            if before and _quietly(lambda: client.get_model_version(name, before)) is not None:
+                _quietly(lambda: client.set_registered_model_alias(name, alias, before))
+                restored[alias] = before
+            else:
+                _quietly(lambda: client.delete_registered_model_alias(name, alias))
+                restored[alias] = None
+        _quietly(lambda: client.delete_model_version(name, version))
+    if created_model and not _quietly(lambda: client.search_model_versions(f"name = '{name}'", max_results=1)):
+        _quietly(lambda: client.delete_registered_model(name))
+    return restored
+
+
+def _quietly(step):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return step()
+    except MlflowException:
+        return None
 
 
 def _model_card(name: str, tags: dict[str, str]):
@@ -87,23 +180,6 @@ def _model_card(name: str, tags: dict[str, str]):
 
     lines = "\n".join(f"- `{k}`: {v}" for k, v in sorted(tags.items()))
     return ModelCard(f"---\nlibrary_name: transformers\ntags: [peft-arena]\n---\n# {name}\n\nA finetuned model merged into its base by peft_arena's `promote` stage.\n\n{lines}\n")
-
-
-def _undo_registration(client, name: str, version, created_model: bool, logged_id: str | None) -> None:
-    from mlflow.exceptions import MlflowException
-
-    steps = []
-    if version is not None:
-        steps.append(lambda: client.delete_model_version(name, version.version))
-    if created_model:
-        steps.append(lambda: client.delete_registered_model(name))
-    if logged_id is not None:
-        steps.append(lambda: client.delete_logged_model(logged_id))
-    for step in steps:
-        try:
-            step()
-        except MlflowException:  # already gone; the original error is what the user needs to see
-            pass
 
 
 def _pip_pins() -> list[str]:

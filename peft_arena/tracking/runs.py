@@ -14,6 +14,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Iterator
 
+from peft_arena.tracking.heartbeat import Heartbeat
 from peft_arena.tracking.tracker import MlflowTracker
 
 DEFAULT_EXPERIMENT = "peft-arena"
@@ -67,12 +68,15 @@ def arena_run(stage: str, run_name: str | None = None, tags: dict | None = None)
     else:
         run = mlflow.start_run(experiment_id=_experiment_id(mlflow), run_name=run_name or None)
     tracker = MlflowTracker(run.info.run_id)
-    tracker.set_tags({"arena.stage": stage, **versions(), **(tags or {})})
-    if run_name:
-        tracker.set_tags({"mlflow.runName": run_name})
+    heartbeat = Heartbeat(run.info.run_id)  # a process that dies leaves a lease that runs out
     try:
+        heartbeat.start()
+        tracker.set_tags({"arena.stage": stage, **versions(), **(tags or {})})
+        if run_name:
+            tracker.set_tags({"mlflow.runName": run_name})
         yield tracker
     except BaseException as exc:
+        heartbeat.stop()
         reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         try:
             tracker.set_tags({ERROR_TAG: reason})
@@ -81,6 +85,7 @@ def arena_run(stage: str, run_name: str | None = None, tags: dict | None = None)
             mlflow.end_run("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     else:
+        heartbeat.stop()
         mlflow.end_run("FINISHED")
 
 
@@ -96,13 +101,17 @@ def side_run(stage: str, run_name: str, tags: dict | None = None) -> Iterator[Ml
     run = client.create_run(experiment_id, run_name=run_name,
                             tags={"arena.stage": stage, **versions(), **(tags or {})})
     tracker = MlflowTracker(run.info.run_id)
+    heartbeat = Heartbeat(run.info.run_id)
     try:
+        heartbeat.start()
         yield tracker
     except BaseException as exc:
+        heartbeat.stop()
         client.set_tag(run.info.run_id, ERROR_TAG, f"{type(exc).__name__}: {exc}"[:8000])
         client.set_terminated(run.info.run_id, "FAILED")
         raise
     else:
+        heartbeat.stop()
         client.set_terminated(run.info.run_id, "FINISHED")
 
 

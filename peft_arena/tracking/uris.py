@@ -4,6 +4,7 @@ a local folder or a hub id become a folder ``from_pretrained`` takes, with exact
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import tempfile
@@ -11,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-from peft_arena.tracking.versions import (RegistryError, latest_version, mlflow_client,
+from peft_arena.tracking.versions import (PENDING_TAG, PROMOTE_RUN_TAG, RegistryError, latest_version, mlflow_client,
                                           require_registered_model, require_version, tracking_uri)
 
 
@@ -105,8 +106,18 @@ def resolve_model_uri(uri: str) -> ResolvedModel:
     raise RegistryError(f"{uri!r} is neither an MLflow model URI, an existing folder, nor a hub id (org/name)")
 
 
+def require_usable(mv):
+    """``mv`` unless a promote is still registering it (or was killed doing so): such a version is not usable."""
+    if mv.tags.get(PENDING_TAG) == "pending":
+        run = mv.tags.get(PROMOTE_RUN_TAG, "?")
+        raise RegistryError(f"version {mv.version} of {mv.name!r} is not registered completely: promote run {run} is "
+                            "still registering it, or died doing so (then `peft-arena doctor` removes it)")
+    return mv
+
+
 def _resolved_version(client, mv, uri: str, alias: str | None) -> ResolvedModel:
-    model_id = _model_id_of(mv)
+    require_usable(mv)
+    model_id = model_id_of(mv)
     if model_id:
         local = _hf_folder(client, client.get_logged_model(model_id))
     else:  # versions registered from runs:/ sources (not by promote) carry no LoggedModel
@@ -127,15 +138,15 @@ def lookup_version(uri: str):
     if m := _MODELS_ALIAS.match(uri):
         require_registered_model(client, m["name"])
         try:
-            return client.get_model_version_by_alias(m["name"], m["alias"])
+            return require_usable(client.get_model_version_by_alias(m["name"], m["alias"]))
         except MlflowException:
             raise RegistryError(f"registered model {m['name']!r} has no alias {m['alias']!r}") from None
     if m := _MODELS_VERSION.match(uri):
-        return require_version(client, m["name"], m["version"])
+        return require_usable(require_version(client, m["name"], m["version"]))
     raise RegistryError(f"{uri!r} names no registry version: use models:/NAME/N or models:/NAME@ALIAS")
 
 
-def _model_id_of(mv) -> str | None:
+def model_id_of(mv) -> str | None:
     # The OSS SQL registry does not persist ModelVersion.model_id; the source "models:/m-…" carries it.
     if getattr(mv, "model_id", None):
         return mv.model_id
@@ -143,7 +154,7 @@ def _model_id_of(mv) -> str | None:
     return m["model_id"] if m else None
 
 
-def _download_cache() -> Path:
+def download_cache() -> Path:
     from peft_arena.models import cache_dir
 
     return cache_dir() / "registry"
@@ -158,8 +169,9 @@ def _hf_folder(client, logged) -> Path:
     """
     import mlflow
 
-    ready = _download_cache() / logged.model_id
+    ready = download_cache() / logged.model_id
     if (ready / "hf" / "config.json").exists():  # exists() follows the links: False when the store moved
+        os.utime(ready)  # last use, for the cache's pruning (tracking/doctor.prune_download_cache)
         return ready / "hf"
     shutil.rmtree(ready / "hf", ignore_errors=True)
     location = logged.artifact_location

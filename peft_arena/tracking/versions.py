@@ -17,6 +17,10 @@ ALIAS_HISTORY_TAG = "arena.alias_history"
 EVAL_HISTORY_TAG = "arena.eval_history"
 CANDIDATE, CHAMPION = "candidate", "champion"
 TAG_LIMIT = 8000  # MLflow's limit on a tag value
+# A version promote is still registering is tagged "pending" (refused by the URI resolvers) until "complete".
+PENDING_TAG = "arena.registration"
+PROMOTE_RUN_TAG = "arena.promote_run"  # the promote run that registered a version
+PREVIOUS_TAG_PREFIX = "arena.registration.previous."  # + alias: the version that held it before (to undo)
 
 
 class RegistryError(ValueError):
