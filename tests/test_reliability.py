@@ -288,8 +288,15 @@ def test_promote_gates_refuse_and_leave_nothing_behind(store, fault):
         == logged_before
 
 
-@probe("registry", "kill -9 during promote (alias moved, registration not complete): refused, then cleaned up")
-def test_killed_promote_is_cleaned_up_by_the_next_command(store, capsys):
+_KILL_AT = {  # where the promote process dies: (module, attribute) wrapped to call through, then SIGKILL itself
+    "after_logging": ("mlflow.transformers", "log_model"),  # merged model logged, nothing registered yet
+    "after_alias_move": ("peft_arena.tracking.aliases", "move_alias"),  # version READY, alias moved, not complete
+}
+
+
+@probe("registry", "kill -9 during promote: the half-done version is never usable and the next command cleans up")
+@pytest.mark.parametrize("where", list(_KILL_AT))
+def test_killed_promote_is_cleaned_up_by_the_next_command(store, capsys, where):
     import mlflow
 
     from peft_arena import cli
@@ -297,60 +304,71 @@ def test_killed_promote_is_cleaned_up_by_the_next_command(store, capsys):
 
     before = _registry_state()
     source = _training_run(store)
+    module, attribute = _KILL_AT[where]
     victim = _spawn(f"""
-        import os, signal
+        import importlib, os, signal
         from peft_arena import cli
-        from peft_arena.tracking import aliases
-        real = aliases.move_alias
-        def move_then_die(*args, **kwargs):
+        target = importlib.import_module("{module}")
+        real = getattr(target, "{attribute}")
+        def call_then_die(*args, **kwargs):
             real(*args, **kwargs)
-            os.kill(os.getpid(), signal.SIGKILL)  # killed after the alias moved, before the version is complete
-        aliases.move_alias = move_then_die
+            os.kill(os.getpid(), signal.SIGKILL)
+        setattr(target, "{attribute}", call_then_die)
         cli.main(["promote", "--source_run", "{source}"])
     """)
-    victim.wait(timeout=300)
+    victim.wait(timeout=600)
     assert victim.returncode == -signal.SIGKILL
-    half = _registry_state()
-    new = max(half["versions"])
-    assert half["aliases"]["candidate"] == str(new) and new not in before["versions"]
-    with pytest.raises(reg.RegistryError, match="not registered completely"):
-        reg.resolve_model_uri("models:/tiny-math@candidate")  # never visible as usable
-    assert cli.main(["doctor"]) == 0
-    assert f"version {new} of 'tiny-math'" in capsys.readouterr().out
-    assert _registry_state() == before  # the version is gone, candidate is back on its previous holder
     promote = _last_run("promote")
+    assert promote.info.status == "RUNNING"
+    if where == "after_alias_move":
+        half = _registry_state()
+        new = max(half["versions"])
+        assert half["aliases"]["candidate"] == str(new) and new not in before["versions"]
+        with pytest.raises(reg.RegistryError, match="not registered completely"):
+            reg.resolve_model_uri("models:/tiny-math@candidate")  # never visible as usable
+    assert cli.main(["doctor"]) == 0
+    printed = capsys.readouterr().out
+    assert f"run {promote.info.run_id} (promote)" in printed
+    assert _registry_state() == before  # no new version; candidate back on its previous holder
+    promote = mlflow.get_run(promote.info.run_id)
     assert promote.info.status == "FAILED" and "process died" in promote.data.tags["arena.error"]
     assert not mlflow.search_logged_models(experiment_ids=[store["experiment"]], output_format="list",
                                            filter_string=f"source_run_id = '{promote.info.run_id}'")
 
 
 @probe("registry", "4 concurrent first promotions into a new model name all succeed, alias history consistent")
-def test_concurrent_first_promotions(store, tmp_path):
+def test_concurrent_first_promotions(store, monkeypatch):
+    """Four promotions (threads, each its own MLflow run; the registry lock is an fcntl lock per open file, so
+    threads contend for it exactly as processes do) lined up at the registry step so that they really race."""
     import mlflow
 
+    from peft_arena.tracking import registration
     from peft_arena.tracking import registry as reg
 
     n = 4
     sources = [_training_run(store) for _ in range(n)]
-    barrier = tmp_path / "barrier"
-    barrier.mkdir()
-    procs = [_spawn(f"""
-        import time
-        from pathlib import Path
-        from peft_arena import cli
-        from peft_arena.tracking import registration
-        real = registration._register_locked
-        def together(*args, **kwargs):  # line the processes up at the registry step, so they really race
-            Path("{barrier}", "{i}").touch()
-            deadline = time.time() + 240
-            while len(list(Path("{barrier}").iterdir())) < {n} and time.time() < deadline:
-                time.sleep(0.02)
-            return real(*args, **kwargs)
-        registration._register_locked = together
-        raise SystemExit(cli.main(["promote", "--source_run", "{src}", "--domain", "race"]))
-    """) for i, src in enumerate(sources)]
-    codes = [p.wait(timeout=400) for p in procs]
-    assert codes == [0] * n
+    line_up = threading.Barrier(n, timeout=300)
+    real_lock = registration.store_lock
+
+    def lock_after_line_up(key, *args, **kwargs):  # all four reach the registry step before any goes on
+        line_up.wait()
+        return real_lock(key, *args, **kwargs)
+
+    monkeypatch.setattr(registration, "store_lock", lock_after_line_up)
+    errors = []
+
+    def promote(src: str) -> None:
+        try:
+            _promote(src, domain="race")
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=promote, args=(src,)) for src in sources]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors
     state = _registry_state("tiny-race")
     assert state["versions"] == list(range(1, n + 1))
     sets, removed = {}, {}

@@ -71,8 +71,34 @@ def end_dead_runs(exclude: set[str] = frozenset(), dry_run: bool = False) -> lis
             client.set_tag(run_id, ERROR_TAG, reason)
             end_ms = _beat_ms(beat) or int(time.time() * 1000)
             client.set_terminated(run_id, "FAILED", end_time=max(end_ms, fresh.info.start_time or 0))
+            if entry["stage"] == "promote":
+                entry["removed_logged_models"] = _remove_unregistered_models(client, run)
         found.append(entry)
     return found
+
+
+def _remove_unregistered_models(client, run) -> list[str]:
+    """The LoggedModels a dead promote run logged that no completely registered version uses (it was killed while
+    logging the merged model, before registering it)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from peft_arena.tracking.uris import model_id_of
+    from peft_arena.tracking.versions import PENDING_TAG, PROMOTE_RUN_TAG
+
+    used = {model_id_of(mv) for mv in client.search_model_versions(
+        f"tags.`{PROMOTE_RUN_TAG}` = '{run.info.run_id}'") if mv.tags.get(PENDING_TAG) == "complete"}
+    removed = []
+    for logged in mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list",
+                                              filter_string=f"source_run_id = '{run.info.run_id}'"):
+        if logged.model_id in used:
+            continue
+        try:
+            client.delete_logged_model(logged.model_id)
+            removed.append(logged.model_id)
+        except MlflowException:
+            pass
+    return removed
 
 
 def _beat_ms(beat: str) -> int | None:

@@ -63,7 +63,8 @@ def require_registered_model(client, name: str):
     try:
         return client.get_registered_model(name)
     except MlflowException:
-        names = sorted(m.name for m in client.search_registered_models(max_results=50))
+        names = sorted(m.name for m in client.search_registered_models(max_results=50)
+                       if not m.name.startswith("arena-lock."))  # tracking/locks.py's server-side locks
         raise RegistryError(f"no registered model {name!r} in {tracking_uri()} "
                             f"(registered: {', '.join(names) or 'none'})") from None
 
