@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import functools
 import getpass
 import json
 import os
@@ -71,6 +72,19 @@ def alias_history(name: str, version: str | int) -> list[dict]:
     return json.loads(mv.tags.get(ALIAS_HISTORY_TAG, "[]"))
 
 
+def _under_registry_lock(fn):
+    """Run ``fn(name, …)`` under the store lock ``registry/<name>``: MLflow's SQL store inserts a new version tag
+    without an upsert, so two evaluations writing the same tag at once fail with a UNIQUE constraint error."""
+
+    @functools.wraps(fn)
+    def locked(name: str, *args, **kwargs):
+        with store_lock(f"registry/{name}"):
+            return fn(name, *args, **kwargs)
+
+    return locked
+
+
+@_under_registry_lock
 def record_scores(name: str, version: str | int, scores: dict[str, float], eval_run_id: str,
                   eval_key: str | None = None) -> None:
     """Write an evaluation's headline scores on the version it evaluated (``arena.score.<key>`` tags).
