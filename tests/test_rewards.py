@@ -74,6 +74,17 @@ def test_math_reward_off_the_main_thread_gives_the_same_verdicts():
     assert results["scores"] == math_reward(completions, truths) == [0.0, 1.0, 1.0]
 
 
+def test_math_reward_and_benchmark_judge_the_same_text_alike():
+    """Issue 14: one extraction and one grader for the reward and MATH-500/AMC23/AIME24."""
+    spec = get_benchmark("math500")
+    texts = ["so \\boxed{5}, no: \\boxed{6}", "The answer is 6.", "Step 5: recheck\nStep 6: unclear",
+             "we get \\fbox{6}", "\\boxed{6.0}", "The total is 6 apples.", "\\boxed{6", "nothing"]
+    rewards = math_reward(texts, ["6"] * len(texts))
+    scored = spec.score({"gold": "6"}, texts)
+    assert rewards == [1.0 if ok else 0.0 for ok in scored["sample_correct"]]
+    assert rewards == [1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0]
+
+
 def test_every_bundled_math_answer_earns_its_reward():
     records = load_records("math-sample")
     assert math_reward([r["answer"] for r in records], [r["ground_truth"] for r in records]) == [1.0] * len(records)

@@ -6,12 +6,17 @@ reward). :func:`run_with_budget` instead counts Python function calls (``sys.set
 frame) and stops the work after ``max_calls``. The count depends on the inputs, not on how busy the CPU is, it
 works in every thread, and it needs no helper process.
 
+Garbage collection is paused while the budget runs, so finalisers do not fire (and count) at moments that depend
+on the process's history. Counts can still differ by a few hundred calls between runs (sympy iterates some sets
+in hash or identity order); ordinary answers stay far below any useful limit, so that cannot flip a verdict.
+
 Work that happens inside a single C call (big-integer arithmetic such as ``9^{9^9}``) is invisible to the count;
 the math grader refuses such expressions before evaluating them (``math_answer._too_big``).
 """
 
 from __future__ import annotations
 
+import gc
 import sys
 import threading
 from typing import Callable, TypeVar
@@ -65,6 +70,8 @@ def run_with_budget(fn: Callable[[], T], max_calls: int, fallback: T) -> tuple[T
     with _LOCK:
         previous_trace, previous_profile, previous_hook = sys.gettrace(), sys.getprofile(), sys.unraisablehook
         sys.unraisablehook = unraisable
+        gc_was_enabled = gc.isenabled()
+        gc.disable()  # collections fire when allocation counters say so (process history) and run finalisers
         sys.settrace(tracer)
         try:
             result = fn()
@@ -75,4 +82,6 @@ def run_with_budget(fn: Callable[[], T], max_calls: int, fallback: T) -> tuple[T
             sys.settrace(previous_trace)
             sys.setprofile(previous_profile)
             sys.unraisablehook = previous_hook
+            if gc_was_enabled:
+                gc.enable()
         return (fallback if spent else result), count
