@@ -90,11 +90,14 @@ def _methods_epilog() -> str:
 
 
 def _benchmarks_epilog() -> str:
-    from peft_arena.evaluation import describe_benchmarks
+    from peft_arena.evaluation import describe_benchmarks, describe_suites, suite_of
 
-    lines = ["benchmarks (peft-arena benchmarks --json for sources and protocols):"]
+    lines = ["suites (--suite NAME):"]
+    for s in describe_suites():
+        lines.append(f"  {s['name']:<12} {', '.join(s['members'])}")
+    lines.append("benchmarks (peft-arena benchmarks --json for sources and protocols):")
     for b in describe_benchmarks():
-        lines.append(f"  {b['name']:<12} {b['group']}")
+        lines.append(f"  {b['name']:<12} suite {suite_of(b['group'])}")
     return "\n".join(lines)
 
 
@@ -245,25 +248,30 @@ def _cmd_methods(args) -> int:
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
         return 0
+    print(f"{'method':<9} {'family':<6} {'SFT lr':<8} {'GRPO lr':<8} {'merges':<6}  default options\n"
+          f"{'':<10}description")
     for r in rows:
         opts = ", ".join(f"{k}={v}" for k, v in r["defaults"].items()) or "-"
-        print(f"{r['name']:<9} {r['family']:<6} sft_lr={r['sft_lr']:<7g} grpo_lr={r['grpo_lr']:<7g} "
-              f"merge={'yes' if r['mergeable'] else 'no':<3}  {opts}\n          {r['summary']}")
+        print(f"{r['name']:<9} {r['family']:<6} {r['sft_lr']:<8g} {r['grpo_lr']:<8g} "
+              f"{'yes' if r['mergeable'] else 'no':<6}  {opts}\n          {r['summary']}")
     return 0
 
 
 def _cmd_benchmarks(args) -> int:
-    from peft_arena.evaluation import describe_benchmarks
+    from peft_arena.evaluation import describe_benchmarks, describe_suites, suite_of
 
-    rows = describe_benchmarks()
+    rows, suites = describe_benchmarks(), describe_suites()
     if args.json:
-        print(json.dumps(rows, indent=2, default=str))
+        print(json.dumps({"suites": suites, "benchmarks": rows}, indent=2, default=str))
         return 0
-    print(f"{'name':<13}{'group':<13}{'protocol':<15}{'headline':<12}offline source")
+    print("suites (evaluate --suite NAME; names and benchmark names combine with commas):")
+    for s in suites:
+        print(f"  {s['name']:<9} {', '.join(s['members'])}\n            {s['note']}")
+    print(f"\nbenchmarks:\n  {'name':<13}{'suite':<10}{'protocol':<15}{'headline':<12}offline source")
     for r in rows:
         src = r["source"]
         offline = src.get("package") or (f"bundled sample ({src['sample']})" if src.get("sample") else "-")
-        print(f"{r['name']:<13}{r['group']:<13}{r.get('protocol', ''):<15}{r['headline']:<12}{offline}")
+        print(f"  {r['name']:<13}{suite_of(r['group']):<10}{r.get('protocol', ''):<15}{r['headline']:<12}{offline}")
     print("\nFull sets: point data_dir (or PEFT_ARENA_DATA_DIR) at a folder of the benchmark files; "
           "`--json` lists hub ids, prompts, generation settings and deviations.")
     return 0
@@ -327,23 +335,25 @@ def build_parser(listings_for: tuple[str, ...] = ()) -> argparse.ArgumentParser:
     for stage in STAGE_CONFIGS:
         _add_stage_parser(sub, stage, stage.replace("_", "-") in listings_for)
     p = sub.add_parser("methods", help="list every PEFT method with its defaults and learning rates")
-    p.add_argument("--json", action="store_true")
-    p = sub.add_parser("benchmarks", help="list every benchmark with its group, source and protocol")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the methods as JSON (options, defaults, learning rates)")
+    p = sub.add_parser("benchmarks", help="list the suites (demo, math, med, general, extended, all) with their "
+                                          "members, and every benchmark with its suite, source and protocol")
+    p.add_argument("--json", action="store_true", help="print suites and benchmarks as JSON (hub ids, prompts, "
+                                                       "generation settings, deviations)")
     p = sub.add_parser("count-params", help="trainable and total parameters of a method on a base (meta device, "
                                             "no weights)", epilog=_methods_epilog() if "count-params" in listings_for else None,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", required=True, help="qwen2.5-7b, llama3.2-3b, smollm2-135m, tiny, or a model folder")
-    p.add_argument("--method", required=True)
+    p.add_argument("--method", required=True, help="method registry name (`peft-arena methods`)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="method option, e.g. --set r=16")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the counts as JSON")
     p = sub.add_parser("doctor", help="end runs whose process died (FAILED, reason in arena.error), remove versions "
                                       "a killed promote left half-registered, prune local outputs and the download "
                                       "cache", description="Repairs the store in MLFLOW_TRACKING_URI. Every stage "
                        "command does the first two cheaply before it starts. Pruning policy: docs/ARCHITECTURE.md.")
     p.add_argument("--outputs", default=".arena/outputs", help="training runs' local output folder to prune")
     p.add_argument("--dry-run", action="store_true", help="say what would be done, change nothing")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print what was (or would be) done as JSON")
     p = sub.add_parser("demo", help="a small arena on the embedded model: SFT LoRA and OFT, promote, evaluate "
                                     "(and the base), spectral, report; prints how to open the MLflow UI")
     p.add_argument("--dir", default="demo_arena", help="folder for the demo's MLflow store and outputs")

@@ -69,12 +69,12 @@ class SFTConfig:
 class GRPOStageConfig:
     """GRPO with verifiable rewards (paper §3.2); knobs not listed here go to ``grpo.<field>`` overrides."""
 
-    base_model: str = "smollm2-135m"
-    adapter: str = "lora"
+    base_model: str = "smollm2-135m"  # short name, local folder or hub id
+    adapter: str = "lora"  # method registry name (`peft-arena methods`)
     method_options: dict = field(default_factory=dict)
     grpo_options: dict = field(default_factory=dict)  # grpo.<field>=value overrides of GRPORecipe
-    domain: str = "math"
-    data: str = ""
+    domain: str = "math"  # target domain: math | med (sets the reward and the default data)
+    data: str = ""  # training prompts source; empty = the domain's bundled sample
     limit: int = 32  # prompts used (0 = all)
     max_steps: int = 4  # GRPO optimizer steps
     lr: float = 0.0  # 0 = the method's default GRPO learning rate
@@ -101,15 +101,15 @@ class PromoteConfig:
     max_merge_logit_diff: float = 0.0  # refuse a merge that moves the logits more; 0 = by merge dtype (1e-2 fp32, 1 bf16/fp16)
     alias: str = "candidate"  # candidate | champion
     model_uri: str = ""  # for alias=champion: the evaluated version (models:/NAME/N)
-    policy: str = "registry/policy.yaml"
-    run_name: str = ""
+    policy: str = "registry/policy.yaml"  # champion policy YAML (gates and thresholds, applied with alias=champion)
+    run_name: str = ""  # empty = a descriptive name from the lineage and what the promotion did
 
 
 @dataclass
 class EvalConfig:
     """Evaluate one model (registry URI, run URI, folder, hub id or base short name) on a benchmark suite."""
 
-    model_uri: str = "smollm2-135m"
+    model_uri: str = "smollm2-135m"  # models:/NAME@ALIAS or /N, runs:/ID/adapter, a folder, hub id or base name
     suite: str = "demo"  # group name(s) or benchmark names, comma separated (`peft-arena benchmarks`)
     limit: int = 0  # items per benchmark (0 = all available)
     n_samples: int = 0  # samples per item for sampled benchmarks (0 = the benchmark's protocol)
@@ -124,8 +124,8 @@ class EvalConfig:
     base_url: str = ""  # backend=openai: a running OpenAI-compatible vLLM server (http://host:8000)
     base_model: str = ""  # the base to score gain/forgetting against; empty = from the model's lineage
     data_dir: str = ""  # folder with full benchmark files (shaped like shared/data); empty = packaged/sample
-    seed: int = 0
-    run_name: str = ""
+    seed: int = 0  # sampling seed (sampled benchmarks)
+    run_name: str = ""  # empty = a descriptive name from the model's lineage
 
 
 @dataclass
@@ -139,8 +139,8 @@ class SpectralConfig:
     window: int = 5  # fluctuation-score moving-average window
     top_k: int = 32  # subspace size for principal angles / energy share / intruders
     plot_layers: str = ""  # layer names to plot curves for; empty = the middle layer's modules
-    device: str = "auto"
-    run_name: str = ""
+    device: str = "auto"  # where the SVDs run: auto (cuda when available) | cpu | cuda
+    run_name: str = ""  # empty = a descriptive name from the model's lineage
 
 
 @dataclass
@@ -148,12 +148,12 @@ class ReportConfig:
     """Leaderboard, Pareto plot and family summaries from mlflow.search_runs."""
 
     experiments: str = ""  # comma list of experiment names; empty = all
-    domain: str = ""
-    base_model: str = ""
-    train: str = ""
-    method: str = ""
-    output_dir: str = ".arena/report"
-    run_name: str = ""
+    domain: str = ""  # only runs of this domain (math | med); empty = all
+    base_model: str = ""  # only runs on this base model; empty = all
+    train: str = ""  # only runs of this training kind (sft | grpo); empty = all
+    method: str = ""  # only runs of this method; empty = all
+    output_dir: str = ".arena/report"  # local folder for the report files (also logged as artifacts)
+    run_name: str = ""  # empty = a descriptive name from the filters
 
 
 @dataclass

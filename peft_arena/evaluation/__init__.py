@@ -14,6 +14,8 @@ from peft_arena.evaluation.benchmarks import (  # noqa: F401
     BENCHMARKS,
     BenchmarkSpec,
     describe_benchmarks,
+    describe_suites,
+    suite_of,
     get_benchmark,
     resolve_suite,
 )

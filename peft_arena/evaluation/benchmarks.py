@@ -23,6 +23,11 @@ GROUPS = ("target_math", "target_med", "general", "extended")
 GROUP_ALIASES = {"math": "target_math", "med": "target_med", "general": "general", "extended": "extended"}
 # A cross-section (one benchmark per scorer family) small enough for the CPU demo.
 DEMO_SUITE = ("math500", "gsm8k", "medqa", "pubmedqa", "bbh", "ifeval", "nq", "humaneval", "xcopa")
+# On a CPU the demo suite carries its own small limits (settings left at 0 take these): a model and its base
+# then evaluate in a few minutes instead of days (MATH-500 alone is 500 items x 16 samples x 8192 tokens).
+# Such runs are subsets (arena.data_provenance says subset(n)): smoke checks, not benchmark scores.
+DEMO_CPU_LIMITS = {"limit": 4, "n_samples": 1, "max_new_tokens": 128}
+SUITE_NAMES = ("demo", "math", "med", "general", "extended", "all")
 
 
 @dataclass(frozen=True)
@@ -177,6 +182,26 @@ def resolve_suite(text: str) -> list[BenchmarkSpec]:
         raise ValueError("empty benchmark suite; pass a group (math, med, general, extended, all, demo) or names")
     seen: dict[str, None] = dict.fromkeys(wanted)
     return [BENCHMARKS[n] for n in seen]
+
+
+def suite_of(group: str) -> str:
+    """The suite name (math, med, general, extended) that selects a benchmark group."""
+    return {g: a for a, g in GROUP_ALIASES.items()}.get(group, group)
+
+
+def describe_suites() -> list[dict[str, Any]]:
+    """One dict per suite name that ``evaluate --suite`` accepts, with its members, for ``peft-arena benchmarks``."""
+    out = []
+    for name in SUITE_NAMES:
+        members = [s.name for s in resolve_suite(name)]
+        note = {"demo": "one benchmark per scorer family; on a CPU it runs with its own small limits "
+                        f"({', '.join(f'{k}={v}' for k, v in DEMO_CPU_LIMITS.items())})",
+                "math": "math targets (paper protocol for MATH-500, AMC23, AIME24)",
+                "med": "medical multiple-choice targets", "general": "the paper's retention average",
+                "extended": "more general benchmarks, outside the paper's average",
+                "all": "every benchmark"}[name]
+        out.append({"name": name, "members": members, "note": note})
+    return out
 
 
 def describe_benchmarks() -> list[dict[str, Any]]:

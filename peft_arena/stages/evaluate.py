@@ -46,6 +46,31 @@ def _base_for(cfg: EvalConfig, lineage: dict) -> tuple[str, str] | None:
     return None
 
 
+def size_for_device(cfg: EvalConfig, cuda: bool | None = None) -> str | None:
+    """On a CPU the ``demo`` suite carries its own small limits: settings left at 0 take
+    :data:`DEMO_CPU_LIMITS` (the runs are subsets, recorded in ``arena.data_provenance``). Returns the line that
+    says what was cut, or None when nothing was."""
+    from peft_arena.evaluation.benchmarks import DEMO_CPU_LIMITS
+
+    if "demo" not in [p.strip() for p in cfg.suite.split(",")] or cfg.backend == "openai" or cfg.base_url:
+        return None
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    if cuda:
+        return None
+    cut = {k: v for k, v in DEMO_CPU_LIMITS.items() if not getattr(cfg, k)}
+    for key, value in cut.items():
+        setattr(cfg, key, value)
+    if not cut:
+        return None
+    return ("[peft-arena] no GPU: the demo suite runs with its CPU limits "
+            f"({', '.join(f'{k}={v}' for k, v in cut.items())}) instead of each benchmark's protocol; these "
+            "scores are a subset (smoke check), not benchmark scores. Set limit/n_samples/max_new_tokens to "
+            "choose other sizes.")
+
+
 def _evaluate(path: str, benchmarks, cfg: EvalConfig):
     from peft_arena.evaluation.runner import evaluate_model
 
@@ -64,6 +89,9 @@ def run_evaluate(cfg: EvalConfig, tracker) -> dict:
     from peft_arena.evaluation.runner import log_suite_result
 
     benchmarks = resolve_suite(cfg.suite)  # an unknown benchmark fails before any model loads
+    cut = size_for_device(cfg)
+    if cut:
+        print(cut, file=sys.stderr)
     target = lineage_of(cfg.model_uri)
     lineage, resolved = target.lineage, target.resolved
     if target.kind == "adapter":  # every backend (vLLM included) loads one merged folder
@@ -119,7 +147,7 @@ def run_evaluate(cfg: EvalConfig, tracker) -> dict:
 
         headline = {k: v for k, v in scores.items() if k.removeprefix("score/") in SCORE_KEYS}
         record_scores(resolved.registered_model, resolved.version, headline, tracker.run_id, result.settings_key())
-    if result.is_sample:
+    if result.is_sample or any(p != "full" for p in result.provenance.values()):
         print("[peft-arena] note: some benchmarks ran on bundled samples or subsets (arena.data_provenance); "
               "these numbers are smoke checks, not benchmark scores", file=sys.stderr)
     return {"scores": scores, "metrics": result.metrics, "model_kind": target.kind,
