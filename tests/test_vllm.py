@@ -173,7 +173,27 @@ def test_trl_client_generates_from_the_server(smollm2, reference, trl_server):
     assert [[t] for t in texts] == reference["completions"]
 
 
-def test_grpo_step_with_vllm_colocate(smollm2, tmp_path):
+@pytest.fixture(scope="module")
+def tiny_hd64(tmp_path_factory):
+    """A 2-layer random Llama with head_dim 64 (vLLM's CPU attention needs ≥ 64) and SmolLM2's tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from peft_arena.models import ensure_tiny, load_tokenizer
+
+    tok = load_tokenizer(ensure_tiny())
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048,
+                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("tiny_hd64")
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+def test_grpo_step_with_vllm_colocate(tiny_hd64, tmp_path):
     from peft_arena.data import load_records
     from peft_arena.tracking.tracker import MemoryTracker
     from peft_arena.training.grpo import GRPORecipe, train_grpo
@@ -182,7 +202,7 @@ def test_grpo_step_with_vllm_colocate(smollm2, tmp_path):
                         use_vllm="true", vllm_mode="colocate", vllm_gpu_memory_utilization=MEMORY,
                         vllm_max_model_length=1024, log_completions_every=1)
     tracker = MemoryTracker()
-    result = train_grpo(smollm2, smollm2, "lora", {"r": 4}, load_records("math-sample", limit=2), "math", recipe,
+    result = train_grpo(tiny_hd64, tiny_hd64, "lora", {"r": 4}, load_records("math-sample", limit=2), "math", recipe,
                         str(tmp_path / "out"), tracker)
     assert result["generation_backend"] == "vllm"
     assert result["steps"] == 1 and len(result["history"]) == 1
