@@ -114,7 +114,7 @@ def launch_command(verb: str, argv: list[str], num_processes: int, strategy: str
 
 def launch(verb: str, argv: list[str], num_processes: int, strategy: str, run_id: str) -> int:
     """Run the training processes; they resume MLflow run ``run_id`` (rank 0 logs). Returns the exit code."""
-    if strategy == "deepspeed":
+    if distributed_type(strategy) == "DEEPSPEED":
         import importlib.util
 
         if importlib.util.find_spec("deepspeed") is None:
