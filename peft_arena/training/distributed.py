@@ -120,7 +120,8 @@ def launch(verb: str, argv: list[str], num_processes: int, strategy: str, run_id
         if importlib.util.find_spec("deepspeed") is None:
             raise RuntimeError("distributed=deepspeed needs DeepSpeed: `pip install deepspeed` on the CUDA machine "
                                "(or use distributed=fsdp, which needs nothing beyond torch)")
-    env = {**os.environ, "MLFLOW_RUN_ID": run_id, "PEFT_ARENA_RUN_ID": run_id}
+    env = {**os.environ, "MLFLOW_RUN_ID": run_id, "PEFT_ARENA_RUN_ID": run_id,
+           "PEFT_ARENA_NO_SWEEP": "1"}  # the launcher checked the store already; the workers only train
     print(f"[peft-arena] {verb}: {num_processes} processes through accelerate launch ({strategy}), "
           f"MLflow run {run_id} (rank 0 logs)", file=sys.stderr)
     # the workers' console output goes to stderr: stdout carries only the launcher's own result (--json)
