@@ -230,8 +230,8 @@ def test_concurrent_evaluations_and_promotions_lose_nothing(team, arena):
              for _ in range(8)]
     promos = [subprocess.Popen([*cli, "promote", "--source_run", source, "--json"], **common) for _ in range(4)]
     outputs = [(p, *p.communicate(timeout=1500)) for p in evals + promos]
-    failed = [err[-2000:] for p, _, err in outputs if p.returncode != 0]
-    assert not failed, failed
+    failed = [f"{' '.join(p.args[3:5])} exited {p.returncode}:\n{err[-3000:]}" for p, _, err in outputs if p.returncode]
+    assert not failed, "\n\n".join(failed)
     eval_ids = [json.loads(out)["run_id"] for p, out, _ in outputs[:8]]
     versions = sorted(int(json.loads(out)["version"]) for p, out, _ in outputs[8:])
 
