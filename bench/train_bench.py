@@ -309,7 +309,7 @@ def cmd_init(args) -> dict:
     from peft_arena.methods import BuildContext, get_method
     from peft_arena.models import load_tokenizer
     from peft_arena.training import precision
-    from peft_arena.training.sft import calibration_batch
+    from peft_arena.training.sft import tokenised_batch
 
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -323,7 +323,7 @@ def cmd_init(args) -> dict:
         model.config.num_hidden_layers = args.init_layers
         spec = get_method(method)
         opts = spec.resolve({k.split(".", 1)[1]: v for k, v in method_overrides(method).items()})
-        ctx = BuildContext(calibration_batch=calibration_batch(records, tok, 2) if spec.needs_calibration else None,
+        ctx = BuildContext(calibration_batch=tokenised_batch(records[:2], tok) if spec.needs_calibration else None,
                            train="sft", total_steps=10)
         if cuda:
             torch.cuda.synchronize()

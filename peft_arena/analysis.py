@@ -4,12 +4,18 @@ Every table starts from the runs' tags and metrics (DESIGN.md contracts), so the
 
     mlflow.search_runs(search_all_experiments=True, filter_string="tags.`arena.stage` = 'evaluate'")
 
-The leaderboard has one row per evaluated trained model (the newest finished evaluation of it), joined with its
-training run (label, trainable parameters) and its newest spectral run (a few summary numbers).
+The leaderboard has one row per evaluated trained model and evaluation key (``arena.eval_key``: suite, settings,
+data), the newest finished evaluation under that key, joined with its training run (label, trainable parameters)
+and its newest spectral run (a few summary numbers). Like is compared with like: the Pareto front, the family
+summary and the plot's panels are per (domain, base, eval_key), each with the base model evaluated under the same
+key. Provisional evaluations (``arena.provenance=provisional``: bundled samples, limit subsets, partial task
+lists, protocol overrides) are left out unless ``include_provisional=True``; then the ``provenance`` column says
+which rows they are.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 from typing import Iterable
@@ -30,11 +36,13 @@ SCORE_METRICS = {
 # spectral numbers shown on the leaderboard: means over every analysed matrix (spectral/all/<metric>)
 KEY_SPECTRAL = ("eff_rank", "intruders", "rel_delta_fro", "smoothness_retention", "smoothness_adaptation")
 LEADERBOARD_COLUMNS = ["method", "label", "family", "train", "domain", "base", "trainable_params", "trainable_pct",
-                       "target", "general", "gain_pp", "forget_pp", "general_delta_pp", "on_front",
+                       "target", "general", "gain_pp", "forget_pp", "general_delta_pp", "on_front", "provenance",
                        *[f"spectral_{m}" for m in KEY_SPECTRAL],
-                       "eval_key", "eval_run_id", "source_run", "model_uri", "registered_model", "model_version"]
-BASE_COLUMNS = ["base", "domain", "target", "general", "eval_key", "eval_run_id", "model_uri"]
-GROUP = ["domain", "base"]  # points are comparable only within one (domain, base)
+                       "suite", "eval_key", "eval_run_id", "source_run", "model_uri", "registered_model",
+                       "model_version"]
+BASE_COLUMNS = ["base", "domain", "target", "general", "provenance", "suite", "eval_key", "eval_run_id", "model_uri"]
+GROUP = ["domain", "base", "eval_key"]  # points are comparable only within one (domain, base, evaluation key)
+FULL, PROVISIONAL = "full", "provisional"
 
 
 def _tag(df: pd.DataFrame, name: str) -> pd.Series:
@@ -47,25 +55,50 @@ def _metric(df: pd.DataFrame, name: str) -> pd.Series:
     return df[col].astype(float) if col in df else pd.Series([float("nan")] * len(df), index=df.index)
 
 
+def provenance(df: pd.DataFrame) -> pd.Series:
+    """``full`` or ``provisional`` per evaluate run: the ``arena.provenance`` tag; runs logged before that tag
+    existed are full only when every benchmark of ``arena.data_provenance`` says ``full``."""
+    tag = _tag(df, "arena.provenance")
+    legacy = _tag(df, "arena.data_provenance").map(_legacy_provenance)
+    return tag.where(tag.isin([FULL, PROVISIONAL]), legacy)
+
+
+def _legacy_provenance(value) -> str:
+    try:
+        detail = json.loads(value) if isinstance(value, str) else None
+    except ValueError:
+        detail = None
+    return FULL if isinstance(detail, dict) and detail and all(v == FULL for v in detail.values()) else PROVISIONAL
+
+
 def leaderboard(experiment_names: Iterable[str] | str | None = None, *, domain: str | None = None,
                 base: str | None = None, train: str | None = None, method: str | None = None,
-                tracking_uri: str | None = None) -> pd.DataFrame:
-    """One row per evaluated trained model, best target first within each (domain, base).
+                include_provisional: bool = False, tracking_uri: str | None = None) -> pd.DataFrame:
+    """One row per evaluated trained model and evaluation key, best target first within each (domain, base, key).
 
     Columns: method, label, family, train, domain, base, trainable_params, trainable_pct (of the model's total),
-    target, general, gain_pp, forget_pp, general_delta_pp, on_front (on its (domain, base) Pareto front),
-    spectral_<metric> (means over every analysed matrix, when a spectral run exists), eval_key, eval_run_id,
-    source_run, model_uri, registered_model, model_version. A model evaluated several times keeps its newest
-    finished evaluation. Filters match the runs' ``arena.*`` tags.
+    target, general, gain_pp, forget_pp, general_delta_pp (against the base evaluated under the same key),
+    on_front (on its (domain, base, eval_key) Pareto front), provenance (``full``/``provisional``),
+    spectral_<metric> (means over every analysed matrix, when a spectral run exists), suite, eval_key,
+    eval_run_id, source_run, model_uri, registered_model, model_version. A model evaluated several times under
+    one key keeps its newest finished evaluation; evaluations under other keys are other rows, never mixed.
+    Provisional evaluations are left out unless ``include_provisional``. Filters match the runs' ``arena.*`` tags.
     """
     evals = search.arena_runs("evaluate", experiment_names, domain=domain, base=base, train=train, method=method,
                               tracking_uri=tracking_uri)
     if len(evals):
         evals = evals[_tag(evals, "arena.is_base").fillna("false").str.lower() != "true"]
+        evals = evals.assign(_provenance=provenance(evals))
+        if not include_provisional:
+            evals = evals[evals["_provenance"] == FULL]
     if not len(evals):
         return pd.DataFrame(columns=LEADERBOARD_COLUMNS)
     model_key = _tag(evals, "arena.source_run").fillna(_tag(evals, "arena.model_uri")).fillna(evals["run_id"])
-    evals = evals.assign(_model=model_key).drop_duplicates("_model", keep="first")  # newest first from search
+    eval_key = _tag(evals, "arena.eval_key").fillna(evals["run_id"])
+    # newest first from search: the first row per (model, evaluation key) wins; a full evaluation is never hidden
+    # by a provisional one (their keys differ anyway: the provenance is part of the settings the key hashes)
+    evals = evals.assign(_model=model_key, _key=eval_key).drop_duplicates(["_model", "_key", "_provenance"],
+                                                                         keep="first")
     source_runs = [r for r in _tag(evals, "arena.source_run").dropna().unique()]
     trains = search.runs_by_id(source_runs, tracking_uri=tracking_uri).set_index("run_id") \
         if source_runs else pd.DataFrame()
@@ -86,6 +119,8 @@ def leaderboard(experiment_names: Iterable[str] | str | None = None, *, domain: 
             "trainable_params": trainable,
             "trainable_pct": 100.0 * trainable / total if trainable is not None and total else None,
             **{col: ev.get(f"metrics.{metric}") for col, metric in SCORE_METRICS.items()},
+            "provenance": ev["_provenance"],
+            "suite": ev.get("tags.arena.suite"),
             "eval_key": ev.get("tags.arena.eval_key"),
             "eval_run_id": ev["run_id"],
             "source_run": src if isinstance(src, str) else None,
@@ -102,7 +137,7 @@ def leaderboard(experiment_names: Iterable[str] | str | None = None, *, domain: 
     df["on_front"] = False
     for _, group in df.groupby(GROUP, dropna=False):
         df.loc[pareto_front(group).index, "on_front"] = True
-    df = df.sort_values([*GROUP, "target"], ascending=[True, True, False], ignore_index=True)
+    df = df.sort_values([*GROUP, "target"], ascending=[*[True] * len(GROUP), False], ignore_index=True)
     df["trainable_params"] = pd.to_numeric(df["trainable_params"]).round().astype("Int64")
     return df.reindex(columns=LEADERBOARD_COLUMNS)
 
@@ -143,15 +178,20 @@ def method_family(method: str | None) -> str | None:
 
 
 def base_points(experiment_names: Iterable[str] | str | None = None, *, domain: str | None = None,
-                base: str | None = None, tracking_uri: str | None = None) -> pd.DataFrame:
-    """The base models' own scores (evaluate runs tagged ``arena.is_base=true``), newest per (base, domain, eval_key)."""
+                base: str | None = None, include_provisional: bool = False,
+                tracking_uri: str | None = None) -> pd.DataFrame:
+    """The base models' own scores (evaluate runs tagged ``arena.is_base=true``), newest per (base, domain, eval_key);
+    provisional ones only with ``include_provisional``."""
     runs = search.arena_runs("evaluate", experiment_names, domain=domain, base=base, tracking_uri=tracking_uri,
                              extra="tags.`arena.is_base` = 'true'")
+    if len(runs) and not include_provisional:
+        runs = runs[provenance(runs) == FULL]
     if not len(runs):
         return pd.DataFrame(columns=BASE_COLUMNS)
     df = pd.DataFrame({
         "base": _tag(runs, "arena.base_model"), "domain": _tag(runs, "arena.domain"),
         "target": _metric(runs, SCORE_METRICS["target"]), "general": _metric(runs, SCORE_METRICS["general"]),
+        "provenance": provenance(runs), "suite": _tag(runs, "arena.suite"),
         # a base is domain-agnostic: its per-domain target averages place it in each domain's panel
         "target_math": _metric(runs, "score/target_math_avg"), "target_med": _metric(runs, "score/target_med_avg"),
         "eval_key": _tag(runs, "arena.eval_key"), "eval_run_id": runs["run_id"],
@@ -176,8 +216,9 @@ def pareto_front(df: pd.DataFrame, x: str = "general", y: str = "target") -> pd.
 
 
 def plot_pareto(df: pd.DataFrame, base_df: pd.DataFrame | None = None):
-    """Target (y) against general (x) average, one panel per (domain, base): every model, the Pareto front as a
-    step line, and the base model's point as a black star. Colours are method families, markers train types."""
+    """Target (y) against general (x) average, one panel per (domain, base, evaluation key): every model, the Pareto
+    front as a step line, and the base model evaluated under the same key as a black star. Colours are method
+    families, markers train types; a panel's title names its suite and key, and says when it is provisional."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -192,31 +233,39 @@ def plot_pareto(df: pd.DataFrame, base_df: pd.DataFrame | None = None):
     families = sorted(df["family"].dropna().unique()) if "family" in df else []
     colors = {f: f"C{i % 10}" for i, f in enumerate(families)}
     markers = {"sft": "o", "grpo": "^"}
-    for ax, (domain, base) in zip(axes[0], keys):
-        sub = df[(df["domain"] == domain) & (df["base"] == base)]
+    for ax, (domain, base, key) in zip(axes[0], keys):
+        sub = df[(df["domain"] == domain) & (df["base"] == base) & (df["eval_key"] == key)]
+        placed = 0
         for _, r in sub.iterrows():
-            if pd.isna(r["general"]) or pd.isna(r["target"]):  # a suite without a general (or target) benchmark
-                continue
+            if _missing(r["general"]) or _missing(r["target"]):
+                continue  # a suite without the paper's general or target average has no point in this plane
+            placed += 1
             ax.scatter(r["general"], r["target"], s=46, color=colors.get(r.get("family"), "grey"),
                        marker=markers.get(r.get("train"), "s"), edgecolor="black", linewidth=0.4, zorder=3)
             ax.annotate(model_name(r), (r["general"], r["target"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        if len(sub) > placed:
+            ax.text(0.02, 0.02, f"{len(sub) - placed} model(s) without both averages under this key (not plotted)",
+                    transform=ax.transAxes, fontsize=7, color="grey")
         front = pareto_front(sub)
         if len(front):
             ax.step(front["general"], front["target"], where="pre", color="black", linewidth=1.0, alpha=0.6,
                     zorder=2, label="Pareto front")
         same_domain = (base_df["domain"] == domain) | base_df["domain"].isna() | (base_df["domain"] == "")
-        bsub = base_df[same_domain & (base_df["base"] == base)]
+        bsub = base_df[same_domain & (base_df["base"] == base) & (base_df["eval_key"] == key)]
         for _, b in bsub.iterrows():
             target = b.get(f"target_{domain}")
-            target = b["target"] if target is None or pd.isna(target) else target
-            if pd.isna(b["general"]) or pd.isna(target):
+            target = b["target"] if _missing(target) else target
+            if _missing(target) or _missing(b["general"]):
                 continue
             ax.scatter(b["general"], target, s=160, marker="*", color="black", zorder=4, label="base model")
             ax.axvline(b["general"], color="black", linestyle=":", linewidth=0.8)
             ax.axhline(target, color="black", linestyle=":", linewidth=0.8)
         ax.set_xlabel("general average (%)  — stability")
         ax.set_ylabel("target average (%)  — plasticity")
-        ax.set_title(f"{domain} · {base}", fontsize=10)
+        suite = next((s for s in [*sub.get("suite", []), *bsub.get("suite", [])] if isinstance(s, str)), "?")
+        provisional = PROVISIONAL in set(sub.get("provenance", [])) | set(bsub.get("provenance", []))
+        ax.set_title(f"{domain} · {base} · eval {key}" + (" (PROVISIONAL)" if provisional else "")
+                     + f"\n{_short_suite(suite)}", fontsize=9)
         ax.grid(alpha=0.3)
         handles = [plt.Line2D([], [], color=colors[f], marker="o", linestyle="", label=f) for f in families
                    if f in set(sub.get("family", []))]
@@ -230,17 +279,27 @@ def plot_pareto(df: pd.DataFrame, base_df: pd.DataFrame | None = None):
     return fig
 
 
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA
+
+
+def _short_suite(suite: str, width: int = 70) -> str:
+    return suite if len(suite) <= width else suite[: width - 1] + "…"
+
+
 def family_summary(df: pd.DataFrame) -> pd.DataFrame:
-    """Per (domain, base, method family): how many models, the best one, mean scores, median trainable params."""
-    cols = ["domain", "base", "family", "models", "methods", "best", "best_target", "mean_target", "mean_general",
+    """Per (domain, base, eval_key, method family): how many models, the best one, mean scores, median trainable
+    params (evaluations under different keys are never pooled)."""
+    cols = ["domain", "base", "eval_key", "family", "models", "methods", "best", "best_target", "mean_target",
+            "mean_general",
             "mean_gain_pp", "mean_forget_pp", "median_trainable_params", "on_front"]
     if not len(df):
         return pd.DataFrame(columns=cols)
     rows = []
-    for (domain, base, family), g in df.groupby([*GROUP, "family"], dropna=False):
+    for (domain, base, key, family), g in df.groupby([*GROUP, "family"], dropna=False):
         best = g.loc[g["target"].astype(float).idxmax()] if g["target"].notna().any() else g.iloc[0]
         rows.append({
-            "domain": domain, "base": base, "family": family, "models": len(g),
+            "domain": domain, "base": base, "eval_key": key, "family": family, "models": len(g),
             "methods": ", ".join(sorted(g["method"].dropna().unique())),
             "best": model_name(best),
             "best_target": best["target"], "mean_target": g["target"].mean(), "mean_general": g["general"].mean(),
@@ -250,8 +309,8 @@ def family_summary(df: pd.DataFrame) -> pd.DataFrame:
         })
     out = pd.DataFrame(rows, columns=cols)
     out["median_trainable_params"] = pd.to_numeric(out["median_trainable_params"]).round().astype("Int64")
-    return out.sort_values(["domain", "base", "best_target"],
-                                                        ascending=[True, True, False], ignore_index=True)
+    return out.sort_values(["domain", "base", "eval_key", "best_target"], ascending=[True, True, True, False],
+                           ignore_index=True)
 
 
 def to_markdown(df: pd.DataFrame, columns: list[str] | None = None, floatfmt: str = ".2f") -> str:
@@ -283,4 +342,4 @@ def to_markdown(df: pd.DataFrame, columns: list[str] | None = None, floatfmt: st
 # the columns the markdown leaderboard shows (the CSV keeps all)
 MARKDOWN_COLUMNS = ["method", "label", "train", "domain", "base", "trainable_params", "target", "general", "gain_pp",
                     "forget_pp", "on_front", "spectral_eff_rank", "spectral_intruders", "spectral_rel_delta_fro",
-                    "model_uri"]
+                    "eval_key", "model_uri"]

@@ -43,9 +43,13 @@ STAGE_HELP = {
     "evaluate": (
         "Evaluate a model (models:/NAME@ALIAS, models:/NAME/N, runs:/ID/adapter, a folder, a hub id or a base "
         "short name) on a benchmark suite, against its base model's cached evaluation.",
-        "Logs: target/<bench>/<metric> and general/<bench>/<metric> (linked to the benchmark as dataset), "
-        "score/target_avg, score/general_avg, score/target_gain_pp, score/general_delta_pp, score/forget_pp, "
-        "per-sample tables, a paper-shaped CSV; writes the headline scores onto the registry version.",
+        "Logs: target/<bench>/<metric> and general/<bench>/<metric> (linked to the benchmark as dataset); "
+        "score/target_avg, score/general_avg (IFEval+NQ+BBH, all three), score/target_gain_pp, "
+        "score/general_delta_pp, score/forget_pp only where their definition holds (else *_partial_avg); "
+        "per-sample tables, a paper-shaped CSV; tags arena.provenance (full | provisional: any sample, --limit "
+        "subset, partial task list or --n_samples/--max_new_tokens override) with per-benchmark detail in "
+        "arena.data_provenance, and arena.model_kind (base models get raw completion prompts where the paper's "
+        "harness did, docs/prompting.md). Only a full evaluation writes its scores onto the registry version.",
     ),
     "spectral": (
         "Spectral profile of a finetuned model against its base (retention/adaptation profiles, stable rank, "
@@ -56,8 +60,10 @@ STAGE_HELP = {
     "report": (
         "Leaderboard, target-vs-general Pareto plot, method-family summary and spectral method grid from "
         "mlflow.search_runs.",
-        "Logs: leaderboard.csv, leaderboard.md, family_summary.csv, pareto.png (and the method grid) as "
-        "artifacts of a report run; prints the leaderboard.",
+        "Ranks full evaluations only, one row per (model, eval_key), each against its base under the same key "
+        "(--include_provisional true adds provisional ones, flagged in a provenance column). Logs: "
+        "leaderboard.csv, leaderboard.md, family_summary.csv, pareto.png (and the method grid) as artifacts of a "
+        "report run; prints the leaderboard.",
     ),
     "arena": (
         "A sweep: train -> promote -> evaluate -> spectral for every (train, method, domain) as child runs of one "
@@ -95,9 +101,12 @@ def _benchmarks_epilog() -> str:
     lines = ["suites (--suite NAME):"]
     for s in describe_suites():
         lines.append(f"  {s['name']:<12} {', '.join(s['members'])}")
-    lines.append("benchmarks (peft-arena benchmarks --json for sources and protocols):")
+    lines.append("benchmarks (peft-arena benchmarks --json for sources and protocols; prompts per model kind, "
+                 "docs/prompting.md):")
     for b in describe_benchmarks():
-        lines.append(f"  {b['name']:<12} suite {suite_of(b['group'])}")
+        fmt = b["prompt_format"]
+        lines.append(f"  {b['name']:<12} suite {suite_of(b['group']):<9} prompts: base {fmt['base']}, "
+                     f"instruct {fmt['instruct']}")
     return "\n".join(lines)
 
 
@@ -267,13 +276,18 @@ def _cmd_benchmarks(args) -> int:
     print("suites (evaluate --suite NAME; names and benchmark names combine with commas):")
     for s in suites:
         print(f"  {s['name']:<9} {', '.join(s['members'])}\n            {s['note']}")
-    print(f"\nbenchmarks:\n  {'name':<13}{'suite':<10}{'protocol':<15}{'headline':<12}offline source")
+    print(f"\nbenchmarks:\n  {'name':<13}{'suite':<10}{'protocol':<15}{'headline':<12}{'base/instruct':<14}"
+          "offline source")
     for r in rows:
         src = r["source"]
         offline = src.get("package") or (f"bundled sample ({src['sample']})" if src.get("sample") else "-")
-        print(f"  {r['name']:<13}{suite_of(r['group']):<10}{r.get('protocol', ''):<15}{r['headline']:<12}{offline}")
-    print("\nFull sets: point data_dir (or PEFT_ARENA_DATA_DIR) at a folder of the benchmark files; "
-          "`--json` lists hub ids, prompts, generation settings and deviations.")
+        prompts = f"{r['prompt_format']['base']}/{r['prompt_format']['instruct']}"
+        print(f"  {r['name']:<13}{suite_of(r['group']):<10}{r.get('protocol', ''):<15}{r['headline']:<12}"
+              f"{prompts:<14}{offline}")
+    print("\nbase/instruct: the prompt format each model kind gets (chat template or raw text; docs/prompting.md)."
+          "\nFull sets: point data_dir (or PEFT_ARENA_DATA_DIR) at a folder of the benchmark files (a bundled "
+          "sample makes an evaluation provisional); `--json` lists hub ids, prompts, generation settings and "
+          "deviations.")
     return 0
 
 

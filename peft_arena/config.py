@@ -111,9 +111,9 @@ class EvalConfig:
 
     model_uri: str = "smollm2-135m"  # models:/NAME@ALIAS or /N, runs:/ID/adapter, a folder, hub id or base name
     suite: str = "demo"  # group name(s) or benchmark names, comma separated (`peft-arena benchmarks`)
-    limit: int = 0  # items per benchmark (0 = all available)
-    n_samples: int = 0  # samples per item for sampled benchmarks (0 = the benchmark's protocol)
-    max_new_tokens: int = 0  # 0 = the benchmark's protocol
+    limit: int = 0  # items per benchmark (0 = all; a limit that cuts makes the run provisional: not a benchmark score)
+    n_samples: int = 0  # samples per item for sampled benchmarks (0 = the protocol; another value: provisional)
+    max_new_tokens: int = 0  # 0 = the benchmark's protocol (another value makes the run provisional)
     batch_size: int = 0  # most sequences per generation batch (0 = auto: 16 on CPU, 256 on GPU; transformers backend)
     max_batch_tokens: int = 0  # KV-cache token budget per batch (0 = auto: half the free GPU memory; 16384 on CPU)
     backend: str = "auto"  # auto | transformers | vllm | openai (auto: openai if base_url, else vllm if installed)
@@ -123,7 +123,8 @@ class EvalConfig:
     gpu_memory_utilization: float = 0.85  # vLLM: share of GPU memory the engine may take
     base_url: str = ""  # backend=openai: a running OpenAI-compatible vLLM server (http://host:8000)
     base_model: str = ""  # the base to score gain/forgetting against; empty = from the model's lineage
-    data_dir: str = ""  # folder with full benchmark files (shaped like shared/data); empty = packaged/sample
+    data_dir: str = ""  # folder with full benchmark files (like shared/data); empty = packaged or sample (provisional)
+    model_kind: str = "auto"  # base | instruct | auto (the base model's kind): picks the prompts (docs/prompting.md)
     seed: int = 0  # sampling seed (sampled benchmarks)
     run_name: str = ""  # empty = a descriptive name from the model's lineage
 
@@ -152,6 +153,7 @@ class ReportConfig:
     base_model: str = ""  # only runs on this base model; empty = all
     train: str = ""  # only runs of this training kind (sft | grpo); empty = all
     method: str = ""  # only runs of this method; empty = all
+    include_provisional: bool = False  # also rank provisional (sample/subset) evaluations, flagged in a column
     output_dir: str = ".arena/report"  # local folder for the report files (also logged as artifacts)
     run_name: str = ""  # empty = a descriptive name from the filters
 
@@ -174,6 +176,7 @@ class ArenaConfig:
     eval_set: str = ""  # overrides for every evaluation, e.g. "suite=med limit=8"
     spectral_set: str = ""  # overrides for every spectral profile, e.g. "modules=down_proj"
     report: bool = True  # run the report over the sweep's experiment at the end
+    report_provisional: bool = False  # the report also ranks provisional (sample/limit) evaluations, flagged
     fresh: bool = False  # run every stage again, even where a finished run has the same configuration
     dry_run: bool = False  # print the plan (what runs, what is reused or retried) and run nothing
     output_dir: str = ".arena/sweep"  # chain specs, outcomes and logs (also logged to the parent run)

@@ -17,7 +17,8 @@ from peft_arena.cli import run_stage
 # The demo trains on the medical domain: multiple-choice targets are where a 135M model scores above zero after a
 # few CPU steps (it scores ~0 on MATH-500 and GSM8K either way), so gain and forgetting both show.
 DOMAIN = "med"
-DEMO_SUITE = "medqa,medmcqa,mmlu_medical,ifeval,nq,bbh"
+# The paper's medical target (every medical benchmark) and general average (IFEval, NQ, BBH), so both averages hold.
+DEMO_SUITE = "medqa,medmcqa,pubmedqa,mmlu_medical,ifeval,nq,bbh"
 # Sized so the whole demo finishes in about 10 minutes on 2 CPU cores with SmolLM2-135M.
 FULL = {"base": "smollm2-135m", "steps": 8, "limit": 32, "eval_limit": 4, "n_samples": 2, "max_new_tokens": 96}
 FAST = {"base": "tiny", "steps": 2, "limit": 8, "eval_limit": 2, "n_samples": 2, "max_new_tokens": 8}
@@ -37,7 +38,8 @@ def run_demo(directory: str = "demo_arena", fast: bool = False) -> dict:
     outputs = str(root / "outputs")
     common_train = {"base_model": size["base"], "domain": DOMAIN, "max_steps": size["steps"],
                     "limit": size["limit"], "output_dir": outputs}
-    # The medical targets plus the paper's general average (IFEval, NQ, BBH).
+    # Limits and bundled samples make every demo evaluation provisional: the policy refuses them (and says why)
+    # and the report shows them only because it is asked to, flagged as provisional.
     common_eval = {"suite": DEMO_SUITE, "limit": size["eval_limit"], "n_samples": size["n_samples"],
                    "max_new_tokens": size["max_new_tokens"]}
     total, started, results = 9, time.time(), {}
@@ -74,7 +76,7 @@ def run_demo(directory: str = "demo_arena", fast: bool = False) -> dict:
               file=sys.stderr)
 
     _say(9, total, "report: leaderboard, Pareto plot, family summary, method grid", started)
-    run_stage("report", None, {"output_dir": str(root / "report")})
+    run_stage("report", None, {"output_dir": str(root / "report"), "include_provisional": True})
 
     minutes = (time.time() - started) / 60
     print(f"\n[demo] done in {minutes:.1f} min. Open the MLflow UI on the demo's store with:\n"

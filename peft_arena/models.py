@@ -36,15 +36,17 @@ class BaseSpec:
     hub_id: str  # where the real weights live for users with a network
     display: str  # what results say the model was
     config_file: str | None = None  # shipped config.json (no weights)
+    kind: str = "base"  # "base" or "instruct": decides the evaluation prompts (docs/prompting.md)
 
 
 KNOWN_BASES: dict[str, BaseSpec] = {
-    "smollm2-135m": BaseSpec("smollm2-135m", "HuggingFaceTB/SmolLM2-135M-Instruct", SMOLLM2_DISPLAY),
-    "tiny": BaseSpec("tiny", "", "tiny random Llama (2 layers, d=64) with the SmolLM2 tokenizer"),
+    "smollm2-135m": BaseSpec("smollm2-135m", "HuggingFaceTB/SmolLM2-135M-Instruct", SMOLLM2_DISPLAY, kind="instruct"),
+    # random weights with the SmolLM2-Instruct tokenizer (and its chat template): treated as its tokenizer's kind
+    "tiny": BaseSpec("tiny", "", "tiny random Llama (2 layers, d=64) with the SmolLM2 tokenizer", kind="instruct"),
     "qwen2.5-7b": BaseSpec("qwen2.5-7b", "Qwen/Qwen2.5-7B", "Qwen2.5-7B (base)", "qwen2.5-7b.json"),
     "llama3.2-3b": BaseSpec(
-        "llama3.2-3b", "meta-llama/Llama-3.2-3B-Instruct", "Llama-3.2-3B-Instruct", "llama3.2-3b.json"
-    ),
+        "llama3.2-3b", "meta-llama/Llama-3.2-3B-Instruct", "Llama-3.2-3B-Instruct", "llama3.2-3b.json",
+        kind="instruct"),
 }
 
 
@@ -58,6 +60,35 @@ class ResolvedBase:
 def cache_dir() -> Path:
     """Where converted and generated models live (``PEFT_ARENA_CACHE``, default ``~/.cache/peft_arena``)."""
     return Path(os.environ.get("PEFT_ARENA_CACHE", Path.home() / ".cache" / "peft_arena")).expanduser()
+
+
+# The paper's rule (eval/generate_opencompass_config.py): a model is instruct/chat when its path or
+# _name_or_path contains one of these; every other model is a base model.
+INSTRUCT_MARKERS = ("instruct", "-ins", "ins-", "chat", "it-")
+
+
+def model_kind(*names: str | None) -> str:
+    """``"base"`` or ``"instruct"`` for a model known by any of ``names`` (short name, hub id, path).
+
+    A known base's kind comes from its spec; otherwise the paper's rule applies to every name given (and to the
+    ``_name_or_path`` of a local folder's config.json). Finetuned models have their base's kind: pass the base.
+    """
+    candidates = [n for n in names if n]
+    cached = {str((cache_dir() / short).resolve()): spec for short, spec in KNOWN_BASES.items()}
+    for name in candidates:
+        if name in KNOWN_BASES:
+            return KNOWN_BASES[name].kind
+        for spec in KNOWN_BASES.values():
+            if spec.hub_id and spec.hub_id == name:
+                return spec.kind
+        if str(Path(name).expanduser().resolve()) in cached:  # the embedded/tiny models' cache folders
+            return cached[str(Path(name).expanduser().resolve())].kind
+    texts = [n.lower() for n in candidates]
+    for name in candidates:
+        config = Path(name).expanduser() / "config.json"
+        if config.is_file():
+            texts.append(str(json.loads(config.read_text()).get("_name_or_path", "")).lower())
+    return "instruct" if any(marker in text for text in texts for marker in INSTRUCT_MARKERS) else "base"
 
 
 def short_name(name_or_path: str) -> str:

@@ -28,11 +28,12 @@ def _train(client, exp, t, method, label, train, domain, trainable, total=100_00
 
 
 def _eval(client, exp, t, source, method, train, domain, target, general, base_target=20.0, base_general=50.0,
-          status="FINISHED", eval_key="k1", uri=None):
+          status="FINISHED", eval_key="k1", uri=None, provenance="full"):
     delta = general - base_general
     return _run(client, exp, t, {"arena.stage": "evaluate", "arena.source_run": source, "arena.method": method,
                                  "arena.train": train, "arena.domain": domain, "arena.base_model": "tiny",
-                                 "arena.eval_key": eval_key, "arena.model_uri": uri or f"runs:/{source}/adapter"},
+                                 "arena.eval_key": eval_key, "arena.model_uri": uri or f"runs:/{source}/adapter",
+                                 "arena.provenance": provenance, "arena.suite": f"suite-{eval_key}"},
                 {"score/target_avg": target, "score/general_avg": general, "score/target_gain_pp": target - base_target,
                  "score/general_delta_pp": delta, "score/forget_pp": max(0.0, -delta)}, status=status)
 
@@ -58,8 +59,14 @@ def arena(tmp_path_factory):
         "med": _train(client, exp, t + 4, "lora", "r8", "sft", "med", 1_000),
     }
     _run(client, exp, t + 10, {"arena.stage": "evaluate", "arena.is_base": "true", "arena.domain": "math",
-                               "arena.base_model": "tiny", "arena.eval_key": "k1", "arena.model_uri": "tiny"},
+                               "arena.base_model": "tiny", "arena.eval_key": "k1", "arena.model_uri": "tiny",
+                               "arena.provenance": "full"},
          {"score/target_avg": 20.0, "score/general_avg": 50.0})
+    # a base evaluation from before the provenance tag, on a limit subset: provisional
+    _run(client, exp, t + 11, {"arena.stage": "evaluate", "arena.is_base": "true", "arena.domain": "math",
+                               "arena.base_model": "tiny", "arena.eval_key": "k0", "arena.model_uri": "tiny",
+                               "arena.data_provenance": '{"math500": "subset(2)"}'},
+         {"score/target_avg": 70.0, "score/general_avg": 70.0})
     _eval(client, exp, t + 20, runs["lora"], "lora", "sft", "math", 10.0, 45.0)  # older evaluation: superseded
     _eval(client, exp, t + 30, runs["lora"], "lora", "sft", "math", 30.0, 49.0, uri="models:/tiny-math/1")
     _eval(client, exp, t + 31, runs["oft"], "oft", "sft", "math", 28.0, 50.5)
@@ -68,6 +75,10 @@ def arena(tmp_path_factory):
     _eval(client, exp, t + 34, runs["full"], "full", "sft", "math", 99.0, 99.0, status="FAILED")  # ignored
     _eval(client, exp, t + 35, runs["med"], "lora", "sft", "med", 40.0, 50.0, base_target=35.0)
     _eval(client, other, t + 36, runs["lora"], "lora", "sft", "math", 1.0, 1.0)  # other experiment
+    # a newer evaluation of oft under another evaluation key (another suite): its own row and its own front
+    _eval(client, exp, t + 37, runs["oft"], "oft", "sft", "math", 60.0, 60.0, eval_key="k2")
+    # a newer, better-looking provisional evaluation of vera: left out unless asked for
+    _eval(client, exp, t + 38, runs["vera"], "vera", "grpo", "math", 90.0, 90.0, provenance="provisional")
     _run(client, exp, t + 40, {"arena.stage": "spectral", "arena.source_run": runs["lora"]},
          {"spectral/all/eff_rank": 3.5, "spectral/all/intruders": 2.0, "spectral/mlp.down_proj/eff_rank": 4.0})
     yield {"root": root, "runs": runs, "exp": exp}
@@ -76,8 +87,13 @@ def arena(tmp_path_factory):
 
 
 def test_leaderboard_joins_training_eval_and_spectral(arena):
-    df = analysis.leaderboard([EXPERIMENT], domain="math")
-    assert list(df["method"]) == ["full", "lora", "oft", "vera"]  # best target first
+    everything = analysis.leaderboard([EXPERIMENT], domain="math")
+    # one row per (model, evaluation key): oft's newer k2 evaluation does not hide its k1 one
+    assert list(zip(everything["method"], everything["eval_key"])) == [
+        ("full", "k1"), ("lora", "k1"), ("oft", "k1"), ("vera", "k1"), ("oft", "k2")]  # best target first per key
+    assert everything.set_index("eval_key").loc["k2", "on_front"]  # alone in its (domain, base, key) group
+    assert set(everything["provenance"]) == {"full"} and everything.loc[0, "suite"] == "suite-k1"
+    df = everything[everything["eval_key"] == "k1"]
     lora = df.set_index("method").loc["lora"]
     assert (lora["target"], lora["general"], lora["gain_pp"], lora["forget_pp"]) == (30.0, 49.0, 10.0, 1.0)
     assert lora["label"] == "r8" and lora["family"] == "lora" and lora["train"] == "sft"
@@ -89,9 +105,19 @@ def test_leaderboard_joins_training_eval_and_spectral(arena):
     assert list(df.columns) == analysis.LEADERBOARD_COLUMNS
 
 
+def test_leaderboard_leaves_provisional_evaluations_out_unless_asked(arena):
+    board = analysis.leaderboard(EXPERIMENT, domain="math", method="vera")
+    assert list(board["target"]) == [25.0]  # the full evaluation, not the newer provisional 90.0
+    both = analysis.leaderboard(EXPERIMENT, domain="math", method="vera", include_provisional=True)
+    assert sorted(zip(both["target"], both["provenance"])) == [(25.0, "full"), (90.0, "provisional")]
+    assert analysis.base_points(EXPERIMENT, include_provisional=True)["eval_key"].tolist() == ["k0", "k1"]  # newest first
+    legacy = analysis.base_points(EXPERIMENT, include_provisional=True).set_index("eval_key")
+    assert legacy.loc["k0", "provenance"] == "provisional"  # from arena.data_provenance: a subset
+
+
 def test_leaderboard_filters(arena):
     assert list(analysis.leaderboard(EXPERIMENT, train="grpo")["method"]) == ["vera"]
-    assert list(analysis.leaderboard(EXPERIMENT, method="oft")["label"]) == ["b32"]
+    assert list(analysis.leaderboard(EXPERIMENT, method="oft")["label"]) == ["b32", "b32"]  # keys k1 and k2
     med = analysis.leaderboard(EXPERIMENT, domain="med")
     assert len(med) == 1 and med.loc[0, "gain_pp"] == 5.0
     assert len(analysis.leaderboard(EXPERIMENT, base="qwen2.5-7b")) == 0
@@ -117,7 +143,7 @@ def test_pareto_front_maximises_both_and_keeps_ties():
 
 def test_family_summary(arena):
     df = analysis.leaderboard(EXPERIMENT, domain="math")
-    fam = analysis.family_summary(df).set_index("family")
+    fam = analysis.family_summary(df[df["eval_key"] == "k1"]).set_index("family")
     assert fam.loc["lora", "models"] == 1 and fam.loc["lora", "best"] == "sft-lora-r8"
     assert fam.loc["full", "best"] == "sft-full"
     assert fam.loc["full", "best_target"] == 35.0 and fam.loc["vera", "on_front"] == 0
@@ -130,8 +156,8 @@ def test_plot_pareto_marks_base_and_front(arena):
     df = analysis.leaderboard(EXPERIMENT)
     fig = analysis.plot_pareto(df, analysis.base_points(EXPERIMENT))
     titles = sorted(ax.get_title() for ax in fig.axes)
-    assert titles == ["math · tiny", "med · tiny"]
-    math_ax = next(ax for ax in fig.axes if ax.get_title() == "math · tiny")
+    assert titles == ["math · tiny · eval k1\nsuite-k1", "math · tiny · eval k2\nsuite-k2", "med · tiny · eval k1\nsuite-k1"]
+    math_ax = next(ax for ax in fig.axes if ax.get_title().startswith("math · tiny · eval k1"))
     labels = math_ax.get_legend_handles_labels()[1]
     assert "Pareto front" in labels and "base model" in labels
     front_line = next(line for line in math_ax.get_lines() if line.get_label() == "Pareto front")
@@ -156,18 +182,24 @@ def test_report_stage_writes_and_logs_everything(arena, tmp_path, capsys):
 
     tracker = MemoryTracker()
     out = run_report(ReportConfig(experiments=EXPERIMENT, domain="math", output_dir=str(tmp_path / "r")), tracker)
-    assert out["models"] == 4 and sorted(out["on_front"]) == sorted(
-        ["models:/tiny-math/1", f"runs:/{arena['runs']['oft']}/adapter", f"runs:/{arena['runs']['full']}/adapter"])
+    assert out["models"] == 5 and sorted(out["on_front"]) == sorted(
+        ["models:/tiny-math/1", f"runs:/{arena['runs']['oft']}/adapter", f"runs:/{arena['runs']['full']}/adapter",
+         f"runs:/{arena['runs']['oft']}/adapter"])  # oft is on the front of both its evaluation keys
     for name in ("leaderboard.csv", "leaderboard.md", "family_summary.csv", "family_summary.md", "pareto.png"):
         assert (tmp_path / "r" / name).exists()
         assert name in tracker.artifacts
     csv = pd.read_csv(tmp_path / "r" / "leaderboard.csv")
-    assert csv.loc[csv["method"] == "oft", "target"].item() == 28.0
+    assert sorted(csv.loc[csv["method"] == "oft", "target"]) == [28.0, 60.0]
     assert "leaderboard.json" in tracker.artifacts
     assert tracker.tags["arena.stage"] == "report" and tracker.tags["mlflow.runName"] == "report-math"
-    assert tracker.last("report/on_front") == 3.0
+    assert tracker.last("report/on_front") == 4.0
     printed = capsys.readouterr().out
-    assert "| full |" in printed and "base models" in printed
+    assert "| full |" in printed and "base models" in printed and "provenance" not in printed
+    flagged = run_report(ReportConfig(experiments=EXPERIMENT, domain="math", include_provisional=True,
+                                      output_dir=str(tmp_path / "p")), MemoryTracker())
+    assert flagged["models"] == 6
+    md = (tmp_path / "p" / "leaderboard.md").read_text()
+    assert "Provisional evaluations are included" in md and "| provisional |" in md
 
 
 def test_report_without_evaluations_says_what_to_do(arena, tmp_path):
@@ -175,7 +207,7 @@ def test_report_without_evaluations_says_what_to_do(arena, tmp_path):
     from peft_arena.stages.report import run_report
     from peft_arena.tracking.tracker import MemoryTracker
 
-    with pytest.raises(ValueError, match="run `peft-arena evaluate` first"):
+    with pytest.raises(ValueError, match="run `peft-arena evaluate` on the full benchmarks first"):
         run_report(ReportConfig(experiments=EXPERIMENT, domain="law", output_dir=str(tmp_path)), MemoryTracker())
 
 
@@ -210,3 +242,20 @@ def test_report_draws_the_spectral_method_grid_from_spectral_runs(arena, tmp_pat
     assert "spectral_method_grid.png" in tracker.artifacts
     board = analysis.leaderboard(EXPERIMENT, domain="math").set_index("method")
     assert board.loc["lora", "spectral_eff_rank"] == pytest.approx(summary["metrics"]["spectral/all/eff_rank"])
+
+
+def test_plot_pareto_leaves_out_models_without_both_averages():
+    import matplotlib.pyplot as plt
+
+    df = pd.DataFrame([{"method": "lora", "label": "r8", "train": "sft", "family": "lora", "domain": "med",
+                        "base": "tiny", "eval_key": "k", "suite": "medqa,nq", "provenance": "provisional",
+                        "target": None, "general": None},
+                       {"method": "oft", "label": "b32", "train": "sft", "family": "oft", "domain": "med",
+                        "base": "tiny", "eval_key": "k", "suite": "medqa,nq", "provenance": "provisional",
+                        "target": 30.0, "general": 40.0}])
+    fig = analysis.plot_pareto(df)
+    fig.canvas.draw()  # a None coordinate used to break layout here
+    (ax,) = fig.axes
+    assert "(PROVISIONAL)" in ax.get_title()
+    assert any("1 model(s) without both averages" in t.get_text() for t in ax.texts)
+    plt.close(fig)

@@ -16,7 +16,8 @@ REPO = Path(__file__).resolve().parent.parent
 EXPERIMENT = "arena-sweep-test"
 SWEEP = {"methods": "lora,bogus", "domains": "med", "train": "sft", "base_model": "tiny", "parallel": "2",
          "gpus": "0,1", "monitor_every": "1", "sft_set": "max_steps=2 limit=8",
-         "eval_set": "suite=medqa,nq limit=1 max_new_tokens=8"}
+         # IFEval + NQ + BBH: the general average (and so the forgetting the monitor is checked against) exists
+         "eval_set": "suite=medqa,ifeval,nq,bbh limit=1 max_new_tokens=8", "set": "report_provisional=true"}
 
 
 def test_plan_chains_hashes_and_refusals():

@@ -11,7 +11,6 @@ from peft_arena.data import (
     last_boxed,
     list_sources,
     load_records,
-    sft_dataset,
     to_peft_arena_row,
 )
 
@@ -144,16 +143,6 @@ def test_limit_is_a_seeded_subset():
     assert a == b and a != c and len(a) == 5
     everything = load_records("math-sample")
     assert [everything.index(r) for r in a] == sorted(everything.index(r) for r in a)  # source order kept
-
-
-def test_sft_dataset_is_one_user_turn_and_the_answer():
-    records = load_records("math-sample", limit=3)
-    ds = sft_dataset(records)
-    assert ds.column_names == ["prompt", "completion"]
-    assert ds[0]["prompt"] == [{"role": "user", "content": records[0]["question"]}]
-    assert ds[0]["completion"] == [{"role": "assistant", "content": records[0]["answer"]}]
-    with pytest.raises(ValueError, match="without an answer"):
-        sft_dataset([{**records[0], "answer": ""}])
 
 
 def test_grpo_dataset_asks_for_a_boxed_answer():

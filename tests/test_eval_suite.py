@@ -105,25 +105,50 @@ def test_arena_scores_by_hand():
     assert scores["score/forget_pp"] == pytest.approx(-scores["score/general_delta_pp"]) and scores["score/forget_pp"] > 0
     better = arena_scores(base, tuned, suite)
     assert better["score/forget_pp"] == 0.0
-    # without the core general benchmarks, the extended ones present are averaged
-    assert arena_scores({"general/humaneval/pass_at_1": 20.0, "general/mmlu/acc": 50.0}, None,
-                        ["humaneval", "mmlu"])["score/general_avg"] == pytest.approx(35.0)
+    # the extended benchmarks are their own average, never the general one
+    extended = arena_scores({"general/humaneval/pass_at_1": 20.0, "general/mmlu/acc": 50.0}, None, ["humaneval", "mmlu"])
+    assert extended == {"score/extended_avg": pytest.approx(35.0)}
     with pytest.raises(ValueError, match="base model metrics lack"):
         arena_scores(tuned, {"target/math500/acc": 1.0}, suite)
 
 
+MATH_CORE, MED_CORE, GENERAL_CORE = ("math500", "amc23", "aime24"), ("medqa", "medmcqa", "pubmedqa", "mmlu_medical"), \
+    ("ifeval", "nq", "bbh")
+
+
+def _metrics(values: dict[str, float]) -> dict[str, float]:
+    return {get_benchmark(b).metric_key(get_benchmark(b).headline): v for b, v in values.items()}
+
+
 def test_target_average_is_the_model_domain_when_both_domains_are_evaluated():
-    suite = ["math500", "medqa", "nq"]
-    base = {"target/math500/acc": 10.0, "target/medqa/acc": 40.0, "general/nq/em": 20.0}
-    tuned = {"target/math500/acc": 30.0, "target/medqa/acc": 30.0, "general/nq/em": 15.0}
+    suite = [*MATH_CORE, *MED_CORE, *GENERAL_CORE]
+    base = _metrics({**dict.fromkeys(MATH_CORE, 10.0), **dict.fromkeys(MED_CORE, 40.0),
+                     **dict.fromkeys(GENERAL_CORE, 20.0)})
+    tuned = _metrics({**dict.fromkeys(MATH_CORE, 30.0), **dict.fromkeys(MED_CORE, 30.0),
+                      **dict.fromkeys(GENERAL_CORE, 15.0)})
     unknown = arena_scores(tuned, None, suite)
-    assert unknown["score/target_avg"] == pytest.approx(30.0)  # mean of the two domains' averages
+    assert "score/target_avg" not in unknown  # two domains and no model domain: no single target average
+    assert unknown["score/target_math_avg"] == unknown["score/target_med_avg"] == 30.0
     math = arena_scores(tuned, base, suite, domain="math")
     assert math["score/target_avg"] == 30.0 and math["score/target_med_avg"] == 30.0
     assert math["score/target_gain_pp"] == pytest.approx(20.0)  # 30 - 10 on math only, not (30+30)/2 - (10+40)/2
     med = arena_scores(tuned, base, suite, domain="med")
     assert med["score/target_gain_pp"] == pytest.approx(-10.0)
     assert med["score/forget_pp"] == pytest.approx(5.0)
+
+
+def test_contract_metrics_exist_only_where_their_definition_holds():
+    # NQ alone is not the paper's general average; MATH-500 alone is not its math target; GSM8K is not a core one
+    suite = ["math500", "gsm8k", "nq", "humaneval"]
+    base = _metrics({"math500": 10.0, "gsm8k": 50.0, "nq": 20.0, "humaneval": 5.0})
+    tuned = _metrics({"math500": 30.0, "gsm8k": 70.0, "nq": 10.0, "humaneval": 9.0})
+    scores = arena_scores(tuned, base, suite, domain="math")
+    assert scores == {"score/target_math_partial_avg": pytest.approx(50.0),
+                      "score/general_partial_avg": pytest.approx(10.0), "score/extended_avg": pytest.approx(9.0)}
+    # med without PubMedQA: partial, so no med target, no gain
+    med = arena_scores(_metrics(dict.fromkeys(["medqa", "medmcqa", "mmlu_medical"], 40.0)), None,
+                       ["medqa", "medmcqa", "mmlu_medical"], domain="med")
+    assert med == {"score/target_med_partial_avg": 40.0}
 
 
 @pytest.fixture(scope="module")
@@ -146,8 +171,13 @@ def test_end_to_end_every_benchmark_on_tiny(tiny_result):
         assert len(frame) == 2 and {"prompt", "completion", "extracted", "gold", "correct"} <= set(frame.columns)
     assert {"pass_at_1", "pass_at_2"} <= set(r.per_benchmark["math500"]) and "pass_at_4" not in r.per_benchmark["math500"]
     assert len(json.loads(r.samples["math500"]["completions"][0])) == 2
-    assert r.provenance["math500"] == "subset(2)" and r.provenance["amc23"] == "sample:subset(2)"
-    assert r.is_sample
+    assert r.provenance["math500"] == "subset(limit=2)+n_samples(2/16)+max_new_tokens(6/8192)"
+    assert r.provenance["amc23"] == "sample+subset(limit=2)+n_samples(2/16)+max_new_tokens(6/8192)"
+    assert r.provenance["xcopa"] == "sample+subset(limit=2)"  # a likelihood benchmark has no generation override
+    assert r.provisional and r.provenance_tag == "provisional"
+    assert r.settings["model_kind"] == "instruct"  # the tiny model has the SmolLM2-Instruct tokenizer
+    assert r.settings["benchmarks"]["bbh"]["prompt_format"] == "chat"
+    assert r.settings["benchmarks"]["xcopa"]["prompt_format"] == "raw"
     assert r.settings["benchmarks"]["math500"]["n_samples"] == 2
     assert r.settings["benchmarks"]["nq"]["n_samples"] == 1
     assert r.sources["ifeval"] == "bundled-sample:ifeval/input_data.jsonl"
@@ -173,10 +203,77 @@ def test_log_suite_result_through_memory_tracker(tiny_result):
     from peft_arena.tracking.tracker import MemoryTracker
 
     tracker = MemoryTracker()
-    scores = log_suite_result(tracker, tiny_result, "ckpt", base_metrics=tiny_result.metrics)
+    scores = log_suite_result(tracker, tiny_result, "ckpt", base_metrics=tiny_result.metrics, domain="math")
     assert scores["score/target_gain_pp"] == 0.0 and scores["score/forget_pp"] == 0.0
     assert tracker.last("general/ifeval/inst_strict") == tiny_result.metrics["general/ifeval/inst_strict"]
     assert tracker.last("score/general_avg") == pytest.approx(scores["score/general_avg"])
     assert "samples/math500.json" in tracker.artifacts and "results/paper_results.csv" in tracker.artifacts
-    assert tracker.tags["arena.samples_only"] == "true"
+    assert tracker.tags["arena.provenance"] == "provisional" and tracker.tags["arena.samples_only"] == "true"
+    detail = json.loads(tracker.tags["arena.data_provenance"])
+    assert detail["ifeval"].startswith("sample+subset(limit=2)")
     assert tracker.tags["arena.eval_key"] == tiny_result.settings_key()
+
+
+def test_prompt_style_per_benchmark_and_model_kind():
+    # the paper's harness: IFEval/NQ and the math/med targets always in chat form; the other OpenCompass configs
+    # raw for base models; XCOPA is likelihood-scored raw text for every model
+    chat_always = {"math500", "amc23", "aime24", "medqa", "medmcqa", "pubmedqa", "mmlu_medical", "ifeval", "nq"}
+    for name, spec in evaluation.BENCHMARKS.items():
+        assert spec.prompt_format("instruct") == ("raw" if name == "xcopa" else "chat"), name
+        assert spec.prompt_format("base") == ("chat" if name in chat_always else "raw"), name
+    row = next(r for r in describe_benchmarks() if r["name"] == "bbh")
+    assert row["prompt_style"] == "chat_if_instruct" and row["prompt_format"] == {"base": "raw", "instruct": "chat"}
+
+
+def test_model_kind_follows_the_papers_rule():
+    from peft_arena.models import model_kind
+
+    assert model_kind("qwen2.5-7b") == "base" and model_kind("Qwen/Qwen2.5-7B") == "base"
+    assert model_kind("llama3.2-3b") == "instruct" and model_kind("smollm2-135m") == "instruct"
+    assert model_kind("Qwen/Qwen2.5-7B-Instruct") == "instruct" and model_kind("meta-llama/Llama-3.2-3B") == "base"
+    assert model_kind("/ckpt/math_sft_llama3.2-3b-ins_lora") == "instruct"
+    assert model_kind(None, "/ckpt/sft_math_qwen2.5-7b_lora-r8_780") == "base"
+
+
+def test_raw_prompts_join_turns_with_newlines_as_opencompass_does():
+    from peft_arena.evaluation.common import completion_text
+    from peft_arena.evaluation.generation import render_prompt
+    from peft_arena.models import ensure_tiny, load_tokenizer
+
+    tok = load_tokenizer(str(ensure_tiny()))
+    messages = [{"role": "user", "content": "Question: 1+1?\nAnswer:"}, {"role": "assistant", "content": "2\n"},
+                {"role": "user", "content": "Question: 2+2?\nAnswer:"}]
+    raw = completion_text(messages)
+    assert raw == "Question: 1+1?\nAnswer:\n2\n\nQuestion: 2+2?\nAnswer:"
+    assert render_prompt(tok, raw) == raw  # a raw prompt reaches the backend as text, no template
+    assert render_prompt(tok, messages).startswith("<|im_start|>")
+
+
+def test_a_base_model_gets_raw_prompts_where_the_paper_used_them():
+    from peft_arena.models import ensure_tiny
+
+    suite = resolve_suite("bbh,ifeval")
+    base = evaluate_model(str(ensure_tiny()), suite, limit=1, max_new_tokens=2, backend="transformers",
+                          progress=False, model_kind="base")
+    instruct = evaluate_model(str(ensure_tiny()), suite, limit=1, max_new_tokens=2, backend="transformers",
+                              progress=False, model_kind="instruct")
+    assert "<|im_start|>" not in base.samples["bbh"]["prompt"][0]
+    assert base.samples["bbh"]["prompt"][0].startswith("Follow the given examples")
+    assert base.samples["ifeval"]["prompt"][0].startswith("<|im_start|>")  # IFEval: chat template for every model
+    assert instruct.samples["bbh"]["prompt"][0].startswith("<|im_start|>")
+    assert base.settings["benchmarks"]["bbh"]["prompt_format"] == "raw"
+    assert base.settings_key() != instruct.settings_key()  # a base score is never compared with a chat-prompt one
+
+
+def test_prompting_doc_table_matches_the_specs():
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "prompting.md").read_text()
+    table = doc.split("## The table", 1)[1].split("##", 1)[0]
+    rows = {}
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 3 and cells[0] in evaluation.BENCHMARKS:
+            rows[cells[0]] = (cells[1], cells[2])
+    assert set(rows) == set(evaluation.BENCHMARKS)
+    for name, (base, instruct) in rows.items():
+        assert (base, instruct) == (get_benchmark(name).prompt_format("base"),
+                                    get_benchmark(name).prompt_format("instruct")), name

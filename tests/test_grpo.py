@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import peft_arena.methods  # noqa: F401  (fills the registry)
-from peft_arena.data import load_records
+from peft_arena.data import grpo_dataset, load_records
 from peft_arena.methods import METHODS, MethodError, get_method
 from peft_arena.methods import ops
 from peft_arena.models import ensure_tiny, load_model, load_tokenizer
@@ -93,13 +93,35 @@ def test_vllm_settings_colocate_or_server():
 
 def test_keeplora_calibration_batch_labels_only_the_reference_answer(tiny, math_records):
     tokenizer = load_tokenizer(tiny)
-    batch = keeplora_calibration_batch(math_records, tokenizer, "math", 2)
+    rows = list(grpo_dataset(math_records[:2], "math"))
+    batch = keeplora_calibration_batch(rows, tokenizer)
     assert batch["input_ids"].shape == batch["labels"].shape and batch["input_ids"].shape[0] == 2
     for i, record in enumerate(math_records[:2]):
         labelled = batch["labels"][i][batch["labels"][i] != -100]
         assert tokenizer.decode(labelled).startswith(record["answer"][:20])
     with pytest.raises(MethodError, match="reference answers"):
-        keeplora_calibration_batch([{**math_records[0], "answer": ""}], tokenizer, "math", 1)
+        keeplora_calibration_batch([{**rows[0], "answer": ""}], tokenizer)
+
+
+def test_keeplora_calibrates_on_the_prompts_of_the_first_generation_round(tiny, math_records, tmp_path, monkeypatch):
+    import peft_arena.training.grpo as grpo
+
+    seen = {}
+    real = grpo.first_generation_rows
+    monkeypatch.setattr(grpo, "first_generation_rows",
+                        lambda trainer: seen.setdefault("calibration", real(trainer)))
+
+    def recording_reward(completions, prompts, **kwargs):
+        seen.setdefault("rewarded", prompts)
+        return char_length_reward(completions)
+
+    recipe = GRPORecipe(num_generations=2, prompts_per_generation=2, max_steps=1, max_completion_length=4,
+                        learning_rate=1e-2, seed=3)
+    train_grpo(tiny, tiny, "keeplora", {}, math_records, "math", recipe, str(tmp_path), MemoryTracker(),
+               reward_funcs=[recording_reward])
+    calibrated = [row["prompt"] for row in seen["calibration"]]
+    assert len(calibrated) == 2
+    assert [p for i, p in enumerate(seen["rewarded"]) if i % 2 == 0] == calibrated  # the same prompts, same order
 
 
 # ------------------------------------------------------------------------------------------- every method

@@ -302,6 +302,11 @@ def test_adalora_callback_regularises_and_prunes_ranks(tiny):
         State.global_step = step
         callback.on_optimizer_step(None, State, None)
     assert active_ranks(fixed) == fixed_options["init_r"] * adalora_layers(fixed)  # the paper's code: no pruning
+    for param in fixed.parameters():
+        param.grad = None
+    fixed.train()
+    callback.on_step_begin(None, State, None)  # ... and no orthogonality regulariser either
+    assert all(p.grad is None for p in fixed.parameters())
 
     with pytest.raises(MethodError, match="no budget steps"):
         build(load_model(str(ensure_tiny())), "adalora", {"tinit_ratio": 0.5, "tfinal_ratio": 0.5}, total_steps=10)

@@ -4,6 +4,7 @@ train_sft and evaluate go through `mlflow run . --env-manager local` (the run is
 by the entry point); promote, spectral and report through their entry-point scripts.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -67,7 +68,7 @@ def arena(tmp_path_factory, tiny_source):
     _check(mlflow_run(store, "evaluate", model_uri="models:/tiny-math@candidate", suite="demo", limit=2,
                       max_new_tokens=8))
     _check(entry_point(store, "spectral", "--model_uri", "models:/tiny-math/1"))
-    _check(entry_point(store, "report", "--output_dir", str(root / "report")))
+    _check(entry_point(store, "report", "--output_dir", str(root / "report"), "--include_provisional", "true"))
     yield {"store": store, "train": train}
     mlflow.set_tracking_uri(None)
 
@@ -114,7 +115,7 @@ def test_evaluation_by_alias_is_linked_to_the_version_and_scored(arena):
     assert run.data.tags["arena.registered_model"] == "tiny-math"
     assert run.data.tags["arena.model_version"] == "1"
     assert run.data.tags["arena.source_run"] == arena["train"].info.run_id
-    assert run.data.tags["arena.samples_only"] == "true"
+    assert run.data.tags["arena.samples_only"] == "true" and run.data.tags["arena.provenance"] == "provisional"
     for key in ("score/target_avg", "score/general_avg", "score/target_gain_pp", "score/forget_pp"):
         assert key in run.data.metrics
     # the base model's evaluation is its own run with the same settings key
@@ -129,7 +130,11 @@ def test_evaluation_by_alias_is_linked_to_the_version_and_scored(arena):
     forget = max(0.0, bases[0].data.metrics["score/general_avg"] - run.data.metrics["score/general_avg"])
     assert run.data.metrics["score/forget_pp"] == pytest.approx(forget)
     version = mlflow.MlflowClient().get_model_version("tiny-math", "1")
-    assert float(version.tags["arena.score.target_avg"]) == pytest.approx(run.data.metrics["score/target_avg"])
+    # a provisional evaluation (limit=2, samples) is listed on the version but never becomes its scores
+    assert not any(k.startswith("arena.score.") for k in version.tags)
+    history = json.loads(version.tags["arena.eval_history"])
+    assert history[-1]["provenance"] == "provisional" and history[-1]["run"] == run.info.run_id
+    assert history[-1]["detail"]["math500"].startswith("subset(limit=2)")
     files = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
     assert "results" in files
 

@@ -25,8 +25,9 @@ def policy() -> Policy:
                   domains={"math": Gates(max_forget_pp=3.0, min_target_gain_pp=5.0, min_margin_over_champion_pp=0.5)})
 
 
-def scores(target, gain, forget, eval_key="k1"):
-    return {"target_avg": target, "target_gain_pp": gain, "forget_pp": forget, "eval_key": eval_key}
+def scores(target, gain, forget, eval_key="k1", provenance="full"):
+    return {"target_avg": target, "target_gain_pp": gain, "forget_pp": forget, "eval_key": eval_key,
+            "provenance": provenance}
 
 
 @pytest.mark.parametrize("domain, cand, champ, promote", [
@@ -42,6 +43,8 @@ def scores(target, gain, forget, eval_key="k1"):
     ("med", scores(44, 7, 0), scores(44, 7, 0), False),       # a tie does not move the champion
     ("math", scores(49.3, 6, 0), scores(49, 5, 0), False),    # beats by 0.3 < math's margin 0.5
     ("med", scores(45, 8, 0, "k1"), scores(44, 7, 0, "k2"), False),  # other eval settings: not comparable
+    ("med", scores(40, 3, 0.5, provenance="provisional"), None, False),  # provisional evidence is refused
+    ("med", {**scores(40, 3, 0.5), "provenance": None}, None, False),     # so is evidence of unknown provenance
 ])
 def test_policy_gates(policy, domain, cand, champ, promote):
     decision = reg.evaluate_policy(policy, domain, cand, champ)
@@ -50,11 +53,14 @@ def test_policy_gates(policy, domain, cand, champ, promote):
 
 
 def test_policy_reports_every_gate_and_missing_scores(policy):
-    decision = reg.evaluate_policy(policy, "med", {"score/target_avg": 40, "score/forget_pp": 0.0}, None)
+    decision = reg.evaluate_policy(policy, "med", {"score/target_avg": 40, "score/forget_pp": 0.0,
+                                                   "provenance": "full"}, None)
     assert not decision.promote
     assert any("missing score target_gain_pp" in r for r in decision.reasons)
     ok = reg.evaluate_policy(policy, "med", scores(40, 3, 0.5), None)
     assert ok.reasons == ["forgetting 0.50 pp <= 2 pp", "target gain +3.00 pp >= 1 pp", "no champion yet"]
+    refused = reg.evaluate_policy(policy, "med", scores(40, 3, 0.5, provenance="provisional"), None)
+    assert not refused.promote and refused.reasons[0].startswith("refused: the evidence is provisional")
 
 
 def test_shipped_policy_loads_with_domain_overrides():
@@ -204,27 +210,45 @@ def test_apply_policy_moves_champion_only_when_gates_pass(store):
 
     client = mlflow.MlflowClient()
     policy = Policy(default=Gates(max_forget_pp=2.0, min_target_gain_pp=1.0), domains={})
-    with pytest.raises(RegistryError, match="no recorded scores"):
+    with pytest.raises(RegistryError, match="no recorded evaluation"):
         reg.apply_policy(NAME, 1, policy)
+    # a provisional evaluation (a limit subset) writes no score; the policy refuses it and says why
+    reg.record_scores(NAME, 1, {"target_avg": 90, "target_gain_pp": 50, "forget_pp": 0}, "eval-p", eval_key="kp",
+                      provenance="provisional", detail={"math500": "subset(limit=4)", "nq": "full"})
+    assert not reg.version_scores(client.get_model_version(NAME, "1").tags)
+    d = reg.apply_policy(NAME, 1, policy, actor="tester")
+    assert not d.promote and "only provisional evaluations" in d.reasons[0] and "math500: subset(limit=4)" in d.reasons[0]
     # v1 forgets too much: no champion
     reg.record_scores(NAME, 1, {"score/target_avg": 30, "score/target_gain_pp": 4, "score/forget_pp": 5,
-                                "score/general_avg": 40, "score/general_delta_pp": -5}, "eval-a", eval_key="k")
+                                "score/general_avg": 40, "score/general_delta_pp": -5}, "eval-a", eval_key="k",
+                      provenance="full")
     d = reg.apply_policy(NAME, 1, policy, actor="tester")
     assert not d.promote and "champion" not in client.get_registered_model(NAME).aliases
     assert client.get_model_version(NAME, "1").tags["arena.policy.champion.decision"] == "keep"
     # re-evaluated with less forgetting: becomes champion, the move records its scores
-    reg.record_scores(NAME, 1, {"target_avg": 30, "target_gain_pp": 4, "forget_pp": 1}, "eval-b", eval_key="k")
+    reg.record_scores(NAME, 1, {"target_avg": 30, "target_gain_pp": 4, "forget_pp": 1}, "eval-b", eval_key="k",
+                      provenance="full")
     assert reg.apply_policy(NAME, 1, policy, actor="tester").promote
     tags = client.get_model_version(NAME, "1").tags
     assert aliases(client)["champion"] == "1"
     assert json.loads(tags["arena.alias.champion.scores"])["forget_pp"] == 1.0
-    assert [e["run"] for e in json.loads(tags["arena.eval_history"])] == ["eval-a", "eval-b"]
+    assert "general_avg" not in reg.version_scores(tags)  # eval-a's score is not mixed into eval-b's
+    history = json.loads(tags["arena.eval_history"])
+    assert [(e["run"], e["provenance"]) for e in history] == [("eval-p", "provisional"), ("eval-a", "full"),
+                                                              ("eval-b", "full")]
+    assert history[0]["detail"] == {"math500": "subset(limit=4)"}
+    # a later provisional evaluation leaves the version's full scores as they are
+    reg.record_scores(NAME, 1, {"target_avg": 1, "target_gain_pp": -20, "forget_pp": 30}, "eval-q", eval_key="kq",
+                      provenance="provisional")
+    assert reg.version_scores(client.get_model_version(NAME, "1").tags)["target_avg"] == 30.0
     # v2 is worse on target: champion stays on v1
-    reg.record_scores(NAME, 2, {"target_avg": 29, "target_gain_pp": 3, "forget_pp": 0}, "eval-c", eval_key="k")
+    reg.record_scores(NAME, 2, {"target_avg": 29, "target_gain_pp": 3, "forget_pp": 0}, "eval-c", eval_key="k",
+                      provenance="full")
     assert not reg.apply_policy(NAME, 2, policy).promote
     assert aliases(client)["champion"] == "1"
     # v2 re-scored better: champion moves, v1's record says why it lost it
-    reg.record_scores(NAME, 2, {"target_avg": 33, "target_gain_pp": 7, "forget_pp": 0}, "eval-d", eval_key="k")
+    reg.record_scores(NAME, 2, {"target_avg": 33, "target_gain_pp": 7, "forget_pp": 0}, "eval-d", eval_key="k",
+                      provenance="full")
     assert reg.apply_policy(NAME, 2, policy).promote
     assert aliases(client)["champion"] == "2"
     assert reg.alias_history(NAME, 1)[-1]["action"] == "removed"

@@ -154,12 +154,12 @@ def test_champion_path_applies_the_policy(store):
     client = mlflow.MlflowClient()
     version = str(client.get_registered_model("tiny-math").aliases["candidate"])
     policy = REPO / "registry" / "policy.yaml"  # math: forgetting <= 3 pp, gain >= 2 pp
-    reg.record_scores("tiny-math", version, {"target_avg": 20, "target_gain_pp": 1.5, "forget_pp": 0}, "e1", "k")
+    reg.record_scores("tiny-math", version, {"target_avg": 20, "target_gain_pp": 1.5, "forget_pp": 0}, "e1", "k", provenance="full")
     out, run_id = _promote(store, PromoteConfig(alias="champion", model_uri=f"models:/tiny-math/{version}",
                                                 policy=str(policy)))
     assert out["promoted"] is False and "champion" not in client.get_registered_model("tiny-math").aliases
     assert client.get_run(run_id).data.tags["arena.policy_decision"] == "keep"
-    reg.record_scores("tiny-math", version, {"target_avg": 21, "target_gain_pp": 2.5, "forget_pp": 0}, "e2", "k")
+    reg.record_scores("tiny-math", version, {"target_avg": 21, "target_gain_pp": 2.5, "forget_pp": 0}, "e2", "k", provenance="full")
     out, run_id = _promote(store, PromoteConfig(alias="champion", model_uri="models:/tiny-math@candidate",
                                                 policy=str(policy)))
     assert out["promoted"] is True and out["version"] == version

@@ -130,7 +130,7 @@ def arena(server, tmp_path_factory):
         def evaluate(tags, scores):
             with mlflow.start_run(experiment_id=exp) as run:
                 mlflow.set_tags({"arena.stage": "evaluate", "arena.domain": "math", "arena.base_model": "tiny",
-                                 "arena.eval_key": "k1", **tags})
+                                 "arena.eval_key": "k1", "arena.provenance": "full", **tags})
                 mlflow.log_metrics({f"score/{k}": v for k, v in scores.items()})
             return run.info.run_id
 
@@ -142,7 +142,8 @@ def arena(server, tmp_path_factory):
         ids["eval"] = evaluate({"arena.model_uri": "models:/tiny-math@candidate", "arena.source_run": ids["train"],
                                 "arena.method": "lora", "arena.train": "sft", "arena.registered_model": "tiny-math",
                                 "arena.model_version": resolved.version}, version_scores)
-        reg.record_scores("tiny-math", resolved.version, version_scores, ids["eval"], eval_key="k1")
+        reg.record_scores("tiny-math", resolved.version, version_scores, ids["eval"], eval_key="k1",
+                          provenance="full")
         with mlflow.start_run(experiment_id=exp) as run:
             out = run_promote(PromoteConfig(alias="champion", model_uri=f"models:/tiny-math/{resolved.version}",
                                             policy=str(REPO / "registry" / "policy.yaml")),

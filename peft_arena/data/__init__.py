@@ -7,12 +7,11 @@ from peft_arena.data.schema import (
     grpo_dataset,
     normalise_row,
     rl_prompt_text,
-    sft_dataset,
     to_peft_arena_row,
 )
 from peft_arena.data.sources import SOURCES, DataSourceError, list_sources, load_records
 
 __all__ = [
     "DOMAINS", "INSTRUCTIONS", "SOURCES", "DataSourceError", "grpo_dataset", "gsm8k_solution", "last_boxed",
-    "list_sources", "load_records", "normalise_row", "rl_prompt_text", "sft_dataset", "to_peft_arena_row",
+    "list_sources", "load_records", "normalise_row", "rl_prompt_text", "to_peft_arena_row",
 ]

@@ -14,7 +14,8 @@ PEFT-Arena's parquet rows (reference §3.3) look like::
      "reward_model": {"ground_truth": str, "style": "rule"},
      "extra_info": {"question": str, "answer": str, "index": int, "split": str}}
 
-SFT reads ``extra_info.question``/``extra_info.answer``; RL reads ``reward_model.ground_truth``.
+SFT reads ``extra_info.question``/``extra_info.answer`` (tokenised by ``training/sft.py`` exactly as the paper does);
+RL reads ``reward_model.ground_truth``.
 """
 
 from __future__ import annotations
@@ -115,23 +116,6 @@ def rl_prompt_text(question: str, domain: str) -> str:
     """The user turn GRPO samples from: the question plus the instruction to box the final answer."""
     sep = "\n" if "\n" in question else " "
     return f"{question}{sep}{INSTRUCTIONS[check_domain(domain)]}"
-
-
-def sft_dataset(records: Iterable[dict[str, str]]):
-    """TRL's conversational prompt/completion form: one user turn, no system message, loss on the response only."""
-    from datasets import Dataset
-
-    rows = []
-    for r in records:
-        if not r["answer"]:
-            raise ValueError(f"record without an answer cannot be used for SFT: {r['question'][:80]!r}")
-        rows.append({
-            "prompt": [{"role": "user", "content": r["question"]}],
-            "completion": [{"role": "assistant", "content": r["answer"]}],
-        })
-    if not rows:
-        raise ValueError("no records to build an SFT dataset from")
-    return Dataset.from_list(rows)
 
 
 def grpo_dataset(records: Iterable[dict[str, str]], domain: str):

@@ -20,12 +20,23 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 GROUPS = ("target_math", "target_med", "general", "extended")
+# How a benchmark's prompt is rendered, per model kind (docs/prompting.md has the table):
+# "chat"             – the model's chat template for every model (the paper's math_eval/med_eval prompts and
+#                      OpenCompass's VLLMwithChatTemplate, which it used for IFEval and NQ whatever the model);
+# "chat_if_instruct" – chat template for instruct/chat models, raw completion text for base models (OpenCompass's
+#                      VLLM wrapper for base models, VLLMwithChatTemplate for instruct ones);
+# "raw"              – raw text for every model (likelihood-scored candidates: OpenCompass PPL configs).
+PROMPT_STYLES = ("chat", "chat_if_instruct", "raw")
+MODEL_KINDS = ("base", "instruct")
 GROUP_ALIASES = {"math": "target_math", "med": "target_med", "general": "general", "extended": "extended"}
-# A cross-section (one benchmark per scorer family) small enough for the CPU demo.
-DEMO_SUITE = ("math500", "gsm8k", "medqa", "pubmedqa", "bbh", "ifeval", "nq", "humaneval", "xcopa")
+# A cross-section small enough for the CPU demo (with a limit): every scorer family, and every benchmark the
+# paper's averages need (math and medical targets, IFEval + NQ + BBH), so each contract score is defined.
+DEMO_SUITE = ("math500", "amc23", "aime24", "gsm8k", "medqa", "medmcqa", "pubmedqa", "mmlu_medical", "bbh", "ifeval",
+              "nq", "humaneval", "xcopa")
 # On a CPU the demo suite carries its own small limits (settings left at 0 take these): a model and its base
 # then evaluate in a few minutes instead of days (MATH-500 alone is 500 items x 16 samples x 8192 tokens).
-# Such runs are subsets (arena.data_provenance says subset(n)): smoke checks, not benchmark scores.
+# Such runs are provisional (arena.provenance; arena.data_provenance says subset(limit=N)): smoke checks, not
+# benchmark scores.
 DEMO_CPU_LIMITS = {"limit": 4, "n_samples": 1, "max_new_tokens": 128}
 SUITE_NAMES = ("demo", "math", "med", "general", "extended", "all")
 
@@ -59,10 +70,15 @@ class DataSource:
 
 @dataclass
 class LoadedItems:
-    """Items of one benchmark plus where they came from (``provenance`` is "full" or "sample")."""
+    """Items of one benchmark plus where they came from.
+
+    ``provenance``: "full" (the whole benchmark), "sample" (a bundled sample), "tasks(k/n)" / "languages(k/n)" (a
+    local copy with only some subtasks). The runner adds what it changed itself (``subset(limit=N)``, generation
+    overrides); anything but "full" makes the evaluation provisional.
+    """
 
     items: list[dict]
-    provenance: str  # "full" | "sample"; the runner turns a truncated "full" into "subset(n)"
+    provenance: str
     source: str  # path or package location actually read
     extra: dict = field(default_factory=dict)  # loader-specific data (few-shot exemplars, prompts per subtask)
 
@@ -74,8 +90,10 @@ class BenchmarkSpec:
     * ``protocol``: "generate" (decode then extract an answer) or "loglikelihood" (OpenCompass PPL configs:
       pick the candidate text with the lowest mean token NLL).
     * ``load(data_path, data_dir) -> LoadedItems``.
-    * ``build_prompt(item, loaded) -> list[message]`` (chat messages; a plain-LM model gets their contents
-      concatenated) – generate protocol only.
+    * ``build_prompt(item, loaded) -> list[message]`` (chat messages; rendered with the model's chat template or
+      as raw text, joined by newlines as OpenCompass does for base models, per ``prompt_style``) – generate
+      protocol only.
+    * ``prompt_style``: one of :data:`PROMPT_STYLES`, the paper's harness's choice for this benchmark.
     * ``build_candidates(item, loaded) -> list[str]`` – loglikelihood protocol only; ``item["gold_index"]``.
     * ``score(item, completions) -> dict`` with at least ``extracted``, ``correct`` (float 0..1, the mean over
       samples) and ``n_correct``.
@@ -99,6 +117,7 @@ class BenchmarkSpec:
     build_prompt: Callable[[dict, LoadedItems], list[dict]] | None = None
     build_candidates: Callable[[dict, LoadedItems], list[str]] | None = None
     subset_key: str | None = None
+    prompt_style: str = "chat"
     prompt_description: str = ""
     extraction: str = ""
     reference_config: str = ""  # the paper's / OpenCompass config this spec reproduces
@@ -107,6 +126,14 @@ class BenchmarkSpec:
     @property
     def metric_prefix(self) -> str:
         return "target" if self.group.startswith("target") else "general"
+
+    def prompt_format(self, model_kind: str) -> str:
+        """``"chat"`` or ``"raw"``: how this benchmark's prompts are rendered for a ``base``/``instruct`` model."""
+        if model_kind not in MODEL_KINDS:
+            raise ValueError(f"model kind {model_kind!r} is not one of {MODEL_KINDS}")
+        if self.prompt_style == "chat" or (self.prompt_style == "chat_if_instruct" and model_kind == "instruct"):
+            return "chat"
+        return "raw"
 
     def metric_key(self, metric: str) -> str:
         return f"{self.metric_prefix}/{self.name}/{metric}"
@@ -130,6 +157,8 @@ class BenchmarkSpec:
                 "notes": self.source.notes,
             },
             "prompt": self.prompt_description,
+            "prompt_style": self.prompt_style,
+            "prompt_format": {kind: self.prompt_format(kind) for kind in MODEL_KINDS},
             "generation": {"temperature": g.temperature, "top_p": g.top_p, "n_samples": g.n_samples,
                            "max_new_tokens": g.max_new_tokens, "stop": list(g.stop)},
             "extraction": self.extraction,
@@ -146,6 +175,8 @@ def register(factory: Callable[[], BenchmarkSpec]) -> Callable[[], BenchmarkSpec
     spec = factory()
     if spec.group not in GROUPS:
         raise ValueError(f"benchmark {spec.name}: group {spec.group!r} is not one of {GROUPS}")
+    if spec.prompt_style not in PROMPT_STYLES:
+        raise ValueError(f"benchmark {spec.name}: prompt_style {spec.prompt_style!r} is not one of {PROMPT_STYLES}")
     if spec.headline not in spec.metrics:
         raise ValueError(f"benchmark {spec.name}: headline {spec.headline!r} is not among its metrics")
     if spec.name in BENCHMARKS:
@@ -194,8 +225,8 @@ def describe_suites() -> list[dict[str, Any]]:
     out = []
     for name in SUITE_NAMES:
         members = [s.name for s in resolve_suite(name)]
-        note = {"demo": "one benchmark per scorer family; on a CPU it runs with its own small limits "
-                        f"({', '.join(f'{k}={v}' for k, v in DEMO_CPU_LIMITS.items())})",
+        note = {"demo": "every scorer family and every benchmark the averages need; on a CPU it runs with its own "
+                        f"small limits ({', '.join(f'{k}={v}' for k, v in DEMO_CPU_LIMITS.items())})",
                 "math": "math targets (paper protocol for MATH-500, AMC23, AIME24)",
                 "med": "medical multiple-choice targets", "general": "the paper's retention average",
                 "extended": "more general benchmarks, outside the paper's average",

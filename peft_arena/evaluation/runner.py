@@ -18,11 +18,13 @@ from itertools import zip_longest
 from pathlib import Path
 
 from peft_arena.evaluation.benchmarks import BenchmarkSpec, GenerationSettings, LoadedItems, get_benchmark
+from peft_arena.evaluation.common import completion_text, has_chat_template
 from peft_arena.evaluation.data import SAMPLES_DIR
 from peft_arena.evaluation.generation import make_backend
-from peft_arena.evaluation.scores import arena_scores
+from peft_arena.evaluation.scores import arena_scores, averaged_benchmarks
 
-PROTOCOL_VERSION = 1  # bump when a prompt, scorer or default changes, so cached base evaluations are not reused
+PROTOCOL_VERSION = 2  # bump when a prompt, scorer or default changes, so cached base evaluations are not reused
+FULL = "full"
 
 
 @dataclass
@@ -30,7 +32,7 @@ class SuiteResult:
     metrics: dict[str, float]  # "target/<bench>/<metric>" | "general/<bench>/<metric>", 0–100
     per_benchmark: dict[str, dict[str, float]]
     samples: dict[str, "object"]  # bench -> pandas.DataFrame
-    provenance: dict[str, str]  # "full" | "sample" | "subset(n)" | "tasks(k/27)" …
+    provenance: dict[str, str]  # "full" | "sample" | "subset(limit=N)" | "tasks(k/27)" | "sample+subset(limit=N)" …
     settings: dict
     backend: str
     sources: dict[str, str] = field(default_factory=dict)
@@ -45,9 +47,14 @@ class SuiteResult:
         return list(self.per_benchmark)
 
     @property
-    def is_sample(self) -> bool:
-        """True when any benchmark ran on a bundled sample: such numbers are never benchmark scores."""
-        return any(p.startswith("sample") for p in self.provenance.values())
+    def provisional(self) -> bool:
+        """True unless every benchmark ran in full under its own protocol: such numbers are never benchmark scores."""
+        return any(p != FULL for p in self.provenance.values())
+
+    @property
+    def provenance_tag(self) -> str:
+        """``arena.provenance``: ``full`` or ``provisional``."""
+        return "provisional" if self.provisional else FULL
 
     def scores(self, base_metrics: dict[str, float] | None = None, domain: str | None = None) -> dict[str, float]:
         return arena_scores(self.metrics, base_metrics, self.benchmarks, domain)
@@ -60,16 +67,13 @@ class SuiteResult:
             domain = get_benchmark(bench).domain or "general"
             rows += [{"checkpoint": checkpoint, "domain": domain, "benchmark": bench, "metric": m, "value": v}
                      for m, v in values.items()]
-        from peft_arena.evaluation.scores import averaged_benchmarks
-
-        groups = averaged_benchmarks(self.benchmarks)
         scores = self.scores()
-        for group, specs in groups.items():
-            domain = "general" if group == "general" else group.removeprefix("target_")
-            key = "score/general_avg" if group == "general" else f"score/{group}_avg"
+        for group, specs in averaged_benchmarks(self.benchmarks).items():
+            partial = group.endswith("_partial")
+            domain = group.removesuffix("_partial").removeprefix("target_")
             metric = "mean(" + ",".join(f"{s.name}.{s.headline}" for s in specs) + ")"
-            rows.append({"checkpoint": checkpoint, "domain": domain, "benchmark": "AVG", "metric": metric,
-                         "value": scores[key]})
+            rows.append({"checkpoint": checkpoint, "domain": domain, "benchmark": "PARTIAL_AVG" if partial else "AVG",
+                         "metric": metric, "value": scores[f"score/{group}_avg"]})
         return rows
 
     def paper_csv(self, checkpoint: str) -> str:
@@ -108,6 +112,22 @@ def effective_generation(spec: BenchmarkSpec, n_samples: int | None, max_new_tok
                               top_p=g.top_p)
 
 
+def provenance_detail(data_provenance: str, n_selected: int, n_available: int, limit: int | None,
+                      spec: BenchmarkSpec, gen: GenerationSettings) -> str:
+    """How far one benchmark's run is from the full benchmark under its protocol: ``full``, or the parts that
+    differ joined by ``+``: the data (``sample``, ``tasks(k/n)``, ``languages(k/n)``), ``subset(limit=N)``,
+    ``n_samples(m/n)`` and ``max_new_tokens(m/n)`` (used / protocol)."""
+    parts = [] if data_provenance == FULL else [data_provenance]
+    if n_selected < n_available:
+        parts.append(f"subset(limit={limit})")
+    protocol = spec.generation
+    if gen.n_samples != protocol.n_samples:
+        parts.append(f"n_samples({gen.n_samples}/{protocol.n_samples})")
+    if gen.max_new_tokens != protocol.max_new_tokens:
+        parts.append(f"max_new_tokens({gen.max_new_tokens}/{protocol.max_new_tokens})")
+    return "+".join(parts) or FULL
+
+
 def _source_label(source: str) -> str:
     try:
         return "bundled-sample:" + str(Path(source).resolve().relative_to(SAMPLES_DIR.resolve()))
@@ -127,18 +147,23 @@ def _log(progress: bool, message: str) -> None:
 def evaluate_model(model_path: str, benchmarks: list[BenchmarkSpec], *, limit: int | None = None,
                    n_samples: int | None = None, max_new_tokens: int | None = None, backend: str = "auto",
                    batch_size: int = 0, seed: int = 0, data_dir: str | None = None, progress: bool = True,
-                   data_paths: dict[str, str] | None = None, engine_options: dict | None = None) -> SuiteResult:
+                   data_paths: dict[str, str] | None = None, engine_options: dict | None = None,
+                   model_kind: str | None = None) -> SuiteResult:
     """Evaluate the HF model folder ``model_path`` on ``benchmarks``.
 
-    ``limit`` caps items per benchmark (provenance becomes ``subset(n)``), ``n_samples`` overrides the sample
-    count of sampled benchmarks, ``max_new_tokens`` caps generation, ``data_dir`` replaces
-    ``$PEFT_ARENA_DATA_DIR`` and ``data_paths`` gives a benchmark-specific file/folder (``{"bbh": "/data/bbh"}``).
+    ``limit`` caps items per benchmark (provenance ``subset(limit=N)``), ``n_samples`` overrides the sample
+    count of sampled benchmarks, ``max_new_tokens`` caps generation (both recorded in the provenance: the run is
+    then provisional), ``data_dir`` replaces ``$PEFT_ARENA_DATA_DIR`` and ``data_paths`` gives a
+    benchmark-specific file/folder (``{"bbh": "/data/bbh"}``). ``model_kind`` (``base``/``instruct``; None: by
+    :func:`peft_arena.models.model_kind` of ``model_path``) picks each benchmark's prompt format.
     ``engine_options`` go to :func:`make_backend` (dtype, max_batch_tokens, max_model_len, tensor_parallel_size,
     gpu_memory_utilization, base_url). The engine is closed before this returns, so the next one (the base
     model's) starts on a free device.
     """
+    from peft_arena.models import model_kind as detect_kind
 
     data_paths = data_paths or {}
+    kind = model_kind or detect_kind(model_path)
     unknown = set(data_paths) - {b.name for b in benchmarks}
     if unknown:
         raise ValueError(f"data_paths given for benchmarks not in the suite: {sorted(unknown)}")
@@ -153,24 +178,24 @@ def evaluate_model(model_path: str, benchmarks: list[BenchmarkSpec], *, limit: i
         if not items:
             raise ValueError(f"benchmark {spec.name} has no items (source {data.source})")
         loaded[spec.name], selected[spec.name] = data, items
-        truncated = len(items) < len(data.items)
-        provenance[spec.name] = (f"subset({len(items)})" if truncated and data.provenance == "full"
-                                 else f"{data.provenance}" if not truncated else f"{data.provenance}:subset({len(items)})")
+        provenance[spec.name] = provenance_detail(data.provenance, len(items), len(data.items), limit, spec,
+                                                  effective_generation(spec, n_samples, max_new_tokens))
 
     engine = make_backend(model_path, backend=backend, batch_size=batch_size, progress=progress, seed=seed,
                           **(engine_options or {}))
     try:
         return _run_suite(engine, benchmarks, selected, loaded, provenance, limit, n_samples, max_new_tokens, seed,
-                          progress)
+                          progress, kind)
     finally:
         engine.close()
 
 
-def _run_suite(engine, benchmarks, selected, loaded, provenance, limit, n_samples, max_new_tokens, seed, progress):
+def _run_suite(engine, benchmarks, selected, loaded, provenance, limit, n_samples, max_new_tokens, seed, progress,
+               kind):
     import pandas as pd
 
     settings: dict = {"protocol_version": PROTOCOL_VERSION, "backend": engine.name, "seed": seed, "limit": limit,
-                      "benchmarks": {}}
+                      "model_kind": kind, "benchmarks": {}}
     if engine.describe().get("dtype") not in (None, "float32", "auto"):
         settings["dtype"] = engine.describe()["dtype"]  # reduced precision can change scores; fp32 keeps old keys
     per_benchmark: dict[str, dict[str, float]] = {}
@@ -181,10 +206,18 @@ def _run_suite(engine, benchmarks, selected, loaded, provenance, limit, n_sample
         start = time.time()
         items, data = selected[spec.name], loaded[spec.name]
         gen = effective_generation(spec, n_samples, max_new_tokens)
+        chat = spec.prompt_format(kind) == "chat"
+        fmt = "chat" if chat and has_chat_template(engine.tokenizer) and spec.protocol == "generate" else "raw"
         _log(progress, f"{spec.name}: {len(items)} items ({provenance[spec.name]}), protocol {spec.protocol}, "
-                       f"n={gen.n_samples}, T={gen.temperature}, max_new_tokens={gen.max_new_tokens}")
+                       f"{fmt} prompts ({kind} model), n={gen.n_samples}, T={gen.temperature}, "
+                       f"max_new_tokens={gen.max_new_tokens}")
+        if chat and fmt == "raw":
+            _log(progress, f"{spec.name}: the paper used the chat template here, but this tokenizer has none; "
+                           "raw prompts (recorded as prompt_format=raw)")
         if spec.protocol == "generate":
             prompts = [spec.build_prompt(item, data) for item in items]
+            if fmt == "raw":  # a plain string reaches every backend as is (no chat template)
+                prompts = [completion_text(p) for p in prompts]
             completions = engine.generate(prompts, n=gen.n_samples, temperature=gen.temperature,
                                           max_new_tokens=gen.max_new_tokens, stop=gen.stop, seed=seed,
                                           top_p=gen.top_p, desc=spec.name)
@@ -215,7 +248,7 @@ def _run_suite(engine, benchmarks, selected, loaded, provenance, limit, n_sample
         samples[spec.name] = pd.DataFrame([_sample_row(spec, item, prompt, comps, rec)
                                            for item, prompt, comps, rec in zip(items, rendered, completions, records)])
         settings["benchmarks"][spec.name] = {
-            "protocol": spec.protocol, "temperature": gen.temperature, "top_p": gen.top_p,
+            "protocol": spec.protocol, "prompt_format": fmt, "temperature": gen.temperature, "top_p": gen.top_p,
             "n_samples": gen.n_samples, "max_new_tokens": gen.max_new_tokens, "stop": list(gen.stop),
             "provenance": provenance[spec.name], "n_items": len(items), "data_digest": _digest(items),
         }
@@ -255,8 +288,9 @@ def log_suite_result(tracker, result: SuiteResult, checkpoint: str, base_metrics
 
     Metrics go per benchmark with ``dataset=<benchmark>`` (linked to ``model_id`` when given); each benchmark's
     per-sample table goes to ``samples/<bench>.json``; ``results/paper_results.csv`` has the paper's shape;
-    ``results/settings.json`` holds the settings and provenance. Benchmarks that ran on a bundled sample are
-    tagged ``arena.samples_only=true`` (such numbers are not benchmark scores).
+    ``results/settings.json`` holds the settings and provenance. The run is tagged ``arena.provenance`` =
+    ``full`` only when every benchmark ran in full under its protocol, else ``provisional`` (per-benchmark detail
+    in ``arena.data_provenance``); ``arena.samples_only`` is the older name of ``provisional`` and says the same.
     """
     for bench, values in result.per_benchmark.items():
         spec = get_benchmark(bench)
@@ -270,7 +304,9 @@ def log_suite_result(tracker, result: SuiteResult, checkpoint: str, base_metrics
                       "provenance": result.provenance, "sources": result.sources, "backend": result.backend,
                       "seconds": result.seconds}, "results/settings.json")
     tracker.set_tags({"arena.eval_key": result.settings_key(),
-                      "arena.samples_only": str(result.is_sample).lower(),
+                      "arena.provenance": result.provenance_tag,
+                      "arena.samples_only": str(result.provisional).lower(),
+                      "arena.model_kind": result.settings.get("model_kind", ""),
                       "arena.suite": ",".join(result.benchmarks),
                       "arena.data_provenance": json.dumps(result.provenance, sort_keys=True),
                       "arena.generation_backend": result.backend})

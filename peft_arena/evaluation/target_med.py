@@ -51,7 +51,8 @@ def _spec(name: str, title: str, source: DataSource, load, aggregate=_acc, metri
     return BenchmarkSpec(
         name=name, title=title, group="target_med", domain="med", protocol="generate", metrics=metrics,
         headline="acc", source=source, generation=MED_GENERATION, load=load, build_prompt=_prompt, score=_score,
-        aggregate=aggregate, subset_key=subset_key, prompt_description=MED_PROMPT, extraction=MED_EXTRACTION,
+        aggregate=aggregate, subset_key=subset_key, prompt_style="chat", prompt_description=MED_PROMPT,
+        extraction=MED_EXTRACTION,
         reference_config="PEFT-Arena eval/eval_med.sh (med_eval/main.py, greedy, max_tokens 8192)",
         deviations=(deviations or "items come from the public benchmark releases rather than the paper's "
                                   "m1_eval_data_processed.json (unreadable, see reference §4.2)")

@@ -7,8 +7,11 @@ while the gradients still exist; the orthogonality regulariser w·(‖PᵀP − 
 near-orthogonal. ``adalora_callbacks`` gives the Trainer callback that does both (a training loop without a
 Trainer calls the same two pieces: ``orthogonality_penalty`` in the loss, ``update_and_allocate`` after the step).
 
-The paper's trainer never called ``update_and_allocate`` (so it trained a fixed rank-12 SVD-shaped adapter);
-``reallocate=false`` reproduces that. Its "r8" row has 1.5× LoRA-r8's parameters: peft's init_r=12.
+The paper's trainer never called ``update_and_allocate`` and computed its own cross-entropy, so neither the rank
+reallocation nor the orthogonality regulariser ever ran: it trained a fixed rank-12 SVD-shaped adapter on the plain
+task loss. ``reallocate=false`` reproduces exactly that: no pruning and no regulariser (``orth_reg_weight`` is then
+ignored). ``reallocate=true`` (the default) is AdaLoRA as published: pruning plus the regulariser. The paper's "r8"
+row has 1.5× LoRA-r8's parameters: peft's init_r=12.
 """
 
 from __future__ import annotations
@@ -55,11 +58,11 @@ def build_adalora(model, options: dict, ctx: BuildContext):
 
 
 def adalora_callbacks(model, options: dict, ctx: BuildContext) -> list:
-    """The TrainerCallback that runs AdaLoRA's training-time parts: the orthogonality regulariser and, with
-    ``reallocate``, the rank budget."""
+    """The TrainerCallback that runs AdaLoRA's training-time parts, with ``reallocate``: the orthogonality
+    regulariser and the rank budget. With ``reallocate=false`` (the paper's code) it does nothing."""
     from transformers import TrainerCallback  # here, so that listing methods does not import transformers
 
-    weight = options["orth_reg_weight"]
+    weight = options["orth_reg_weight"] if options["reallocate"] else 0.0
 
     class AdaLoraTraining(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
@@ -100,8 +103,10 @@ register(MethodSpec(
         "tinit_ratio": "fraction of the steps trained before any pruning (tinit)",
         "tfinal_ratio": "fraction of the steps at the end with the final budget fixed (tfinal)",
         "delta_t": "steps between two budget reallocations",
-        "orth_reg_weight": "weight of the orthogonality regulariser on P and Q (added when the loss has labels)",
-        "reallocate": "prune ranks during training; false trains fixed init_r ranks as the paper's code did",
+        "orth_reg_weight": "weight of the orthogonality regulariser on P and Q, added once per optimizer step under "
+                           "SFT and GRPO alike (only with reallocate=true)",
+        "reallocate": "true: AdaLoRA as published (rank pruning + orthogonality regulariser); false: the paper's "
+                      "code, fixed init_r ranks trained on the task loss alone (no pruning, no regulariser)",
     },
     sft_lr=PEFT_SFT_LR, grpo_lr=PEFT_GRPO_LR, build=build_adalora, label=lambda o: f"r{o['r']}a{o['alpha']}",
     callbacks=adalora_callbacks,

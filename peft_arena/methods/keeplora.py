@@ -2,8 +2,10 @@
 
 peft has no KeepLoRA; this follows the PEFT-Arena implementation (``utils/keeplora.py``, reference §2.2):
 
-1. One forward/backward pass of the *base* model on a calibration batch (the first training micro-batch) gives
-   the gradient G (out×in) of every adapted weight W.
+1. One forward/backward pass of the *base* model on a calibration batch gives the gradient G (out×in) of every
+   adapted weight W. The batch is the trainer's own first micro-batch, taken from its shuffled sampler as
+   training will see it (the paper: rank 0's first micro-batch): the recipes build the adapter with
+   ``BuildContext(defer_calibration=True)``, create the trainer, then call :func:`calibrate_keeplora`.
 2. V_k: the top-k right singular vectors of W (k = ``principal_rank``, 0 means 4·r).
 3. The residual gradient G_res = G − G·V_k·V_kᵀ has no component along W's principal input directions.
 4. Its rank-r SVD G_res ≈ U_r·Σ_r·Q_rᵀ initialises B₀ = U_r·Σ_r and A₀ = Q_rᵀ.
@@ -43,33 +45,55 @@ from peft_arena.methods.registry import BuildContext, MethodError, MethodSpec, r
 def build_keeplora(model, options: dict, ctx: BuildContext):
     peft_model = wrap(model, lora_config({k: options[k] for k in LORA_DEFAULTS}))
     layers = lora_layers(peft_model)
-    if not ctx.structure_only:
-        if ctx.calibration_batch is None:
-            raise MethodError("keeplora initialises from a gradient: pass BuildContext(calibration_batch=…), "
-                              "a tokenised training batch with input_ids, attention_mask and labels")
-        gradients = residual_gradient_inits(peft_model, layers, ctx.calibration_batch, options)
-        initial_b = {}
-        with torch.no_grad():
-            for name, layer in layers:
-                lora_b, lora_a = gradients[name]
-                layer.lora_A["default"].weight.copy_(lora_a)
-                layer.lora_B["default"].weight.copy_(lora_b)
-                if options["offset"]:
-                    weight = layer.get_base_layer().weight
-                    offset = layer.scaling["default"] * (lora_b.float() @ lora_a.float())
-                    weight.copy_((weight.float() - offset).to(weight.dtype))
-                    initial_b[name] = (layer.lora_B["default"].weight.detach().clone(),
-                                       layer.lora_A["default"].weight.detach().clone())
-        if options["offset"]:
-            peft_model._arena_keeplora_initial = initial_b  # for save_keeplora's exact conversion
     for _, layer in layers:
         layer.lora_A["default"].weight.requires_grad_(False)
+    if ctx.structure_only:
+        return peft_model
+    if ctx.calibration_batch is not None:
+        calibrate_keeplora(peft_model, options, ctx.calibration_batch)
+    elif ctx.defer_calibration:
+        peft_model._arena_keeplora_pending = True  # save_keeplora refuses an adapter that was never initialised
+    else:
+        raise MethodError("keeplora initialises from a gradient: pass BuildContext(calibration_batch=…), "
+                          "a tokenised training batch with input_ids, attention_mask and labels, or "
+                          "BuildContext(defer_calibration=True) and call calibrate_keeplora with the trainer's "
+                          "first micro-batch")
     return peft_model
+
+
+def calibrate_keeplora(peft_model, options: dict, batch: dict) -> None:
+    """KeepLoRA's initialisation on a built model, from one batch: (B₀, A₀) from the base model's residual gradient
+    and, with ``offset``, the base offset by −s·B₀·A₀. Runs once; a second call is an error."""
+    if getattr(peft_model, "_arena_keeplora_done", False):
+        raise MethodError("keeplora is already initialised; calibrating twice would offset the base twice")
+    layers = lora_layers(peft_model)
+    gradients = residual_gradient_inits(peft_model, layers, batch, options)
+    initial_b = {}
+    with torch.no_grad():
+        for name, layer in layers:
+            lora_b, lora_a = gradients[name]
+            layer.lora_A["default"].weight.copy_(lora_a)
+            layer.lora_B["default"].weight.copy_(lora_b)
+            if options["offset"]:
+                weight = layer.get_base_layer().weight
+                offset = layer.scaling["default"] * (lora_b.float() @ lora_a.float())
+                weight.copy_((weight.float() - offset).to(weight.dtype))
+                initial_b[name] = (layer.lora_B["default"].weight.detach().clone(),
+                                   layer.lora_A["default"].weight.detach().clone())
+    if options["offset"]:
+        peft_model._arena_keeplora_initial = initial_b  # for save_keeplora's exact conversion
+    for _, layer in layers:  # again: leaving disable_adapter() makes the adapter trainable once more
+        layer.lora_A["default"].weight.requires_grad_(False)
+    peft_model._arena_keeplora_pending = False
+    peft_model._arena_keeplora_done = True
 
 
 def save_keeplora(model, options: dict, out_dir) -> None:
     """``save_pretrained`` of an adapter that loads on the original base: with ``offset`` the trained (B, A₀) on the
     offset base is written as (B − B₀, A₀); B is restored afterwards, so training can go on."""
+    if getattr(model, "_arena_keeplora_pending", False):
+        raise MethodError("keeplora: the adapter was built with deferred calibration and never calibrated "
+                          "(calibrate_keeplora); its A is random and frozen, so nothing was saved")
     if not options["offset"]:
         model.save_pretrained(out_dir)
         return
@@ -121,7 +145,9 @@ def residual_gradient_inits(peft_model, layers, batch: dict, options: dict) -> d
             handles.append(weight.register_post_accumulate_grad_hook(hook_for(name, weight)))
         peft_model.eval()  # no dropout: the gradient of the model as it is
         device = weights[0][1].device
-        inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
+        # padding-free batches carry position_ids (sequence boundaries) instead of an attention mask
+        inputs = {k: v.to(device) for k, v in batch.items()
+                  if k in ("input_ids", "attention_mask", "position_ids", "labels")}
         if "labels" not in inputs:
             raise MethodError("keeplora's calibration batch needs labels (the training loss's masked targets)")
         with peft_model.disable_adapter():
@@ -172,5 +198,5 @@ register(MethodSpec(
                            "false: the paper's code, no offset (step 0 is W + s·B₀·A₀)"},
     sft_lr=PEFT_SFT_LR, grpo_lr=PEFT_GRPO_LR, build=build_keeplora,
     label=lambda o: f"r{o['r']}" if o["offset"] else f"r{o['r']}nooffset",
-    needs_calibration=True, save_adapter=save_keeplora,
+    needs_calibration=True, calibrate=calibrate_keeplora, save_adapter=save_keeplora,
 ))

@@ -23,13 +23,17 @@ class BuildContext:
     """What a builder may need besides the model and its options.
 
     ``calibration_batch``: a tokenised training batch (``input_ids``, ``attention_mask``, ``labels``) for
-    methods that initialise from gradients (KeepLoRA). ``train``: ``"sft"`` or ``"grpo"``.
+    methods that initialise from gradients (KeepLoRA). ``defer_calibration``: build the adapter now and leave
+    the data-dependent initialisation to the method's ``calibrate(model, options, batch)``, which the training
+    recipes call with the trainer's own first micro-batch once the trainer (and its shuffled sampler) exists.
+    ``train``: ``"sft"`` or ``"grpo"``.
     ``total_steps``: the planned optimizer steps (AdaLoRA's budget schedule needs it).
     ``structure_only``: build the adapter's shapes only, e.g. on the meta device for parameter counts; builders
     skip weight- and data-dependent initialisation (SVD, gradients) and need no calibration batch.
     """
 
     calibration_batch: dict | None = None
+    defer_calibration: bool = False
     train: str = "sft"
     total_steps: int = 100
     seed: int = 0
@@ -49,6 +53,9 @@ class MethodSpec:
     label: Callable[[dict], str]  # short setting label for run names, e.g. "r8", "b32"
     mergeable: bool = True
     needs_calibration: bool = False
+    # calibrate(model, options, batch): the data-dependent initialisation of a needs_calibration method, run on the
+    # built model when the build was told to defer it (BuildContext.defer_calibration).
+    calibrate: Callable[..., None] | None = None
     choices: dict[str, list] = field(default_factory=dict)  # allowed values for enumerated options
     # make_optimizer(model, options, lr, weight_decay, betas) -> torch optimizer, for methods whose optimizer
     # is part of the method (LoRA+: B gets a larger learning rate); None means the trainer's default AdamW.

@@ -159,6 +159,7 @@ def run_arena(cfg: ArenaConfig, tracker) -> dict:
     if cfg.report:
         _say("report over the experiment")
         report = run_process({"report": {"base_model": cfg.base_model, "experiments": experiment,
+                                         "include_provisional": cfg.report_provisional,
                                          "output_dir": str(workdir / "report")},
                               "parent_run_id": tracker.run_id, "experiment_id": experiment_id},
                              workdir, "report", None)

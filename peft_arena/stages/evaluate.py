@@ -1,8 +1,12 @@
 """The evaluate stage: resolve the model, run the suite, score it against its base's cached evaluation.
 
-The base model is evaluated with exactly the same suite and settings (the ``arena.eval_key`` hash); that
-evaluation is its own run, reused by every later evaluation with the same key and never recomputed silently
-with other settings.
+The base model is evaluated with exactly the same suite and settings (the ``arena.eval_key`` hash, which covers
+the items, the generation settings and the prompt format of every benchmark); that evaluation is its own run,
+reused by every later evaluation with the same key and never recomputed silently with other settings.
+
+Prompts follow the model's kind (``base`` or ``instruct``, docs/prompting.md): a finetuned model has its base's
+kind, so the model and its base get the same prompts. Only a full evaluation (``arena.provenance=full``) writes
+scores onto a registry version; a provisional one is only listed in the version's evaluation history.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from peft_arena.config import EvalConfig
-from peft_arena.models import resolve_base
+from peft_arena.models import model_kind, resolve_base
 from peft_arena.stages.lineage import lineage_of
 from peft_arena.tracking.naming import run_name
 from peft_arena.tracking.locks import store_lock
@@ -71,13 +75,24 @@ def size_for_device(cfg: EvalConfig, cuda: bool | None = None) -> str | None:
             "choose other sizes.")
 
 
-def _evaluate(path: str, benchmarks, cfg: EvalConfig):
+def _model_kind(cfg: EvalConfig, lineage: dict, base: tuple[str, str] | None, path: str) -> str:
+    """``base``/``instruct``: the config's choice, else the base model's kind (a finetuned model keeps it)."""
+    if cfg.model_kind not in ("auto", "base", "instruct"):
+        raise ValueError(f"model_kind={cfg.model_kind!r}: use auto, base or instruct")
+    if cfg.model_kind != "auto":
+        return cfg.model_kind
+    if base is not None:
+        return model_kind(*base)
+    return model_kind(lineage.get("arena.base_model"), cfg.model_uri, path)
+
+
+def _evaluate(path: str, benchmarks, cfg: EvalConfig, kind: str):
     from peft_arena.evaluation.runner import evaluate_model
 
     return evaluate_model(
         path, benchmarks, limit=cfg.limit or None, n_samples=cfg.n_samples or None,
         max_new_tokens=cfg.max_new_tokens or None, backend=cfg.backend, batch_size=cfg.batch_size,
-        seed=cfg.seed, data_dir=cfg.data_dir or None,
+        seed=cfg.seed, data_dir=cfg.data_dir or None, model_kind=kind,
         engine_options={"dtype": cfg.dtype, "max_batch_tokens": cfg.max_batch_tokens,
                         "max_model_len": cfg.max_model_len, "tensor_parallel_size": cfg.tensor_parallel_size,
                         "gpu_memory_utilization": cfg.gpu_memory_utilization, "base_url": cfg.base_url},
@@ -99,13 +114,14 @@ def run_evaluate(cfg: EvalConfig, tracker) -> dict:
         target.temporary.append(merged)
         target.path = merged
     base = _base_for(cfg, lineage)
+    kind = _model_kind(cfg, lineage, base, target.path)
     name = cfg.run_name or (
         run_name("evaluate", lineage.get("arena.train"), lineage.get("arena.method"),
                  lineage.get("arena.method_label"), lineage.get("arena.domain"), lineage.get("arena.base_model"))
         if target.kind != "base" else f"eval-base-{lineage['arena.base_model']}"
     )
     tags = {**lineage, "arena.model_uri": cfg.model_uri, "arena.is_base": str(target.kind == "base").lower(),
-            "mlflow.runName": name}
+            "arena.model_kind": kind, "mlflow.runName": name}
     if resolved is not None:
         tags.update({k: v for k, v in {
             "arena.source_run": resolved.source_run, "arena.registered_model": resolved.registered_model,
@@ -115,7 +131,7 @@ def run_evaluate(cfg: EvalConfig, tracker) -> dict:
     tracker.log_params({f"cfg.{k}": v for k, v in vars(cfg).items() if k != "run_name"})
 
     try:
-        result = _evaluate(target.path, benchmarks, cfg)
+        result = _evaluate(target.path, benchmarks, cfg, kind)
     finally:
         target.cleanup()
 
@@ -131,7 +147,7 @@ def run_evaluate(cfg: EvalConfig, tracker) -> dict:
                 with side_run("evaluate", f"eval-base-{base_short}",
                               {"arena.base_model": base_short, "arena.base_source": base_source,
                                "arena.model_uri": base_short, "arena.is_base": "true"}) as base_tracker:
-                    base_result = _evaluate(base_source, benchmarks, cfg)
+                    base_result = _evaluate(base_source, benchmarks, cfg, kind)
                     if base_result.settings_key() != result.settings_key():
                         raise RuntimeError("the base model's evaluation settings differ from the model's; "
                                            "scores would not be comparable")
@@ -146,9 +162,13 @@ def run_evaluate(cfg: EvalConfig, tracker) -> dict:
         from peft_arena.tracking.registry import SCORE_KEYS, record_scores
 
         headline = {k: v for k, v in scores.items() if k.removeprefix("score/") in SCORE_KEYS}
-        record_scores(resolved.registered_model, resolved.version, headline, tracker.run_id, result.settings_key())
-    if result.is_sample or any(p != "full" for p in result.provenance.values()):
-        print("[peft-arena] note: some benchmarks ran on bundled samples or subsets (arena.data_provenance); "
-              "these numbers are smoke checks, not benchmark scores", file=sys.stderr)
-    return {"scores": scores, "metrics": result.metrics, "model_kind": target.kind,
+        record_scores(resolved.registered_model, resolved.version, headline, tracker.run_id, result.settings_key(),
+                      provenance=result.provenance_tag, detail=result.provenance)
+    if result.provisional:
+        partial = ", ".join(f"{b}: {p}" for b, p in result.provenance.items() if p != "full")
+        print(f"[peft-arena] note: provisional evaluation ({partial}); these numbers are smoke checks, not "
+              "benchmark scores: the leaderboard leaves them out unless asked, and they are not written onto "
+              "registry versions as scores", file=sys.stderr)
+    return {"scores": scores, "metrics": result.metrics, "model_kind": target.kind, "prompt_kind": kind,
+            "provenance": result.provenance_tag,
             "version": resolved.version if resolved else None}

@@ -27,25 +27,38 @@ def run_report(cfg: ReportConfig, tracker) -> dict:
                                                                 None, cfg.domain or None, cfg.base_model or None)})
     tracker.log_params({"experiments": cfg.experiments or "all", **{f"filter_{k}": v or "any"
                                                                    for k, v in filters.items()}})
-    board = analysis.leaderboard(experiments, **filters)
-    bases = analysis.base_points(experiments, domain=filters["domain"], base=filters["base"])
+    tracker.log_params({"include_provisional": cfg.include_provisional})
+    board = analysis.leaderboard(experiments, **filters, include_provisional=cfg.include_provisional)
+    bases = analysis.base_points(experiments, domain=filters["domain"], base=filters["base"],
+                                 include_provisional=cfg.include_provisional)
     if not len(board) and not len(bases):
         where = ", ".join(f"{k}={v}" for k, v in filters.items() if v) or "no filters"
-        raise ValueError(f"no finished evaluate runs match ({where}) in experiments {experiments or 'all'}; "
-                         "run `peft-arena evaluate` first")
+        hint = ("" if cfg.include_provisional else
+                f" ({_provisional_count(experiments, filters)} provisional evaluation(s) left out: sample, limit or "
+                "partial-task runs; --include_provisional true shows them, flagged)")
+        raise ValueError(f"no finished full evaluate runs match ({where}) in experiments {experiments or 'all'}"
+                         f"{hint}; run `peft-arena evaluate` on the full benchmarks first")
     families = analysis.family_summary(board)
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    shown = [c for c in analysis.MARKDOWN_COLUMNS if c in board.columns and board[c].notna().any()]
+    columns = analysis.MARKDOWN_COLUMNS + (["provenance"] if cfg.include_provisional else [])
+    shown = [c for c in columns if c in board.columns and board[c].notna().any()]
     board_md = analysis.to_markdown(board, shown)
-    base_md = analysis.to_markdown(bases, ["base", "domain", "target", "general", "eval_key"]) if len(bases) else ""
+    base_columns = ["base", "domain", "target", "general", "eval_key"] + (
+        ["provenance"] if cfg.include_provisional else [])
+    base_md = analysis.to_markdown(bases, base_columns) if len(bases) else ""
     families_md = analysis.to_markdown(families)
     board.to_csv(out / "leaderboard.csv", index=False)
     families.to_csv(out / "family_summary.csv", index=False)
     (out / "leaderboard.md").write_text(
         "# Leaderboard\n\nTarget and general are averages in % (0-100); gain and forgetting are percentage "
-        "points against the base model evaluated with the same settings.\n\n" + board_md +
+        "points against the base model evaluated with the same settings (the same eval_key: suite, settings, data); "
+        "the Pareto front is taken per (domain, base, eval_key).\n\n"
+        + ("**Provisional evaluations are included** (column provenance): their numbers come from samples, subsets "
+           "or partial task lists and are smoke checks, not benchmark scores.\n\n" if cfg.include_provisional
+           else "Only full evaluations are ranked (provisional ones: `--include_provisional true`).\n\n")
+        + board_md +
         ("\n## Base models\n\n" + base_md if base_md else ""))
     (out / "family_summary.md").write_text("# Method families\n\n" + families_md)
     for name in ("leaderboard.csv", "leaderboard.md", "family_summary.csv", "family_summary.md"):
@@ -109,6 +122,11 @@ def _monitor_section(board, experiments, filters, out: Path, tracker) -> dict:
                          **({"report/monitor_trust_spearman": nll["spearman_rho"]}
                             if nll["spearman_rho"] is not None else {})})
     return {"runs": len(runs), "plots": plots, "trust": stats, "statement": statement}
+
+
+def _provisional_count(experiments, filters: dict) -> int:
+    runs = search.arena_runs("evaluate", experiments, **filters)
+    return int((analysis.provenance(runs) != analysis.FULL).sum()) if len(runs) else 0
 
 
 def _spectral_grid(board, experiments, out: Path) -> Path | None:

@@ -1,7 +1,8 @@
 """Aliases and scores on registry versions, each change written down on the version it concerns.
 
 * :func:`move_alias` moves ``candidate``/``champion`` and records who, when, why and on which scores.
-* :func:`record_scores` writes an evaluation's headline scores onto the version it evaluated.
+* :func:`record_scores` lists an evaluation on the version it evaluated; only a full evaluation's headline scores
+  become the version's scores (provisional ones never do).
 """
 
 from __future__ import annotations
@@ -86,12 +87,18 @@ def _under_registry_lock(fn):
 
 @_under_registry_lock
 def record_scores(name: str, version: str | int, scores: dict[str, float], eval_run_id: str,
-                  eval_key: str | None = None) -> None:
-    """Write an evaluation's headline scores on the version it evaluated (``arena.score.<key>`` tags).
+                  eval_key: str | None = None, *, provenance: str, detail: dict[str, str] | None = None) -> None:
+    """Record an evaluation of the version it evaluated; only a full evaluation's scores become the version's scores.
 
-    ``scores`` keys may carry the metric prefix (``score/target_avg``) or not. The latest evaluation's scores
-    are the version's scores; every evaluation stays listed in ``arena.eval_history``.
+    ``provenance`` is the evaluation's ``arena.provenance`` (``full`` or ``provisional``); ``detail`` the
+    per-benchmark provenance. A ``full`` evaluation writes its headline scores as ``arena.score.<key>`` tags
+    (with ``arena.score_provenance=full``, ``arena.scored_by_run``, ``arena.eval_key``): the latest full
+    evaluation's scores are the version's scores. A provisional evaluation writes no score tag (sample or
+    subset numbers are never a version's scores); it is only listed, like every evaluation, in
+    ``arena.eval_history`` with its provenance. ``scores`` keys may carry the metric prefix (``score/``) or not.
     """
+    if provenance not in ("full", "provisional"):
+        raise RegistryError(f"provenance must be 'full' or 'provisional', not {provenance!r}")
     client = mlflow_client()
     version = str(version)
     require_version(client, name, version)
@@ -100,14 +107,27 @@ def record_scores(name: str, version: str | int, scores: dict[str, float], eval_
     if unknown:
         raise RegistryError(f"unknown score keys {sorted(unknown)}; record_scores takes {', '.join(SCORE_KEYS)}")
     at = now()
-    for key, value in clean.items():
-        client.set_model_version_tag(name, version, SCORE_TAG + key, repr(round(value, 6)))
-    client.set_model_version_tag(name, version, "arena.scored_by_run", eval_run_id)
-    client.set_model_version_tag(name, version, "arena.scored_at", at)
-    if eval_key:
-        client.set_model_version_tag(name, version, "arena.eval_key", eval_key)
-    _append_history(client, name, version, EVAL_HISTORY_TAG,
-                    {"run": eval_run_id, "at": at, "eval_key": eval_key, "scores": clean})
+    if provenance == "full":
+        stale = [k for k in client.get_model_version(name, version).tags if k.startswith(SCORE_TAG)]
+        for key in stale:  # a score the new full evaluation does not have must not survive from an older one
+            if key[len(SCORE_TAG):] not in clean:
+                client.delete_model_version_tag(name, version, key)
+        for key, value in clean.items():
+            client.set_model_version_tag(name, version, SCORE_TAG + key, repr(round(value, 6)))
+        client.set_model_version_tag(name, version, "arena.score_provenance", "full")
+        client.set_model_version_tag(name, version, "arena.scored_by_run", eval_run_id)
+        client.set_model_version_tag(name, version, "arena.scored_at", at)
+        if eval_key:
+            client.set_model_version_tag(name, version, "arena.eval_key", eval_key)
+    entry = {"run": eval_run_id, "at": at, "eval_key": eval_key, "provenance": provenance, "scores": clean}
+    if detail and provenance != "full":
+        entry["detail"] = {b: p for b, p in detail.items() if p != "full"}
+    _append_history(client, name, version, EVAL_HISTORY_TAG, entry)
+
+
+def eval_history(tags: dict[str, str]) -> list[dict]:
+    """Every evaluation :func:`record_scores` listed on a version (from its tags), oldest first."""
+    return json.loads(tags.get(EVAL_HISTORY_TAG, "[]"))
 
 
 def version_scores(tags: dict[str, str]) -> dict[str, float]:

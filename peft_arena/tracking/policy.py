@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from peft_arena.tracking.aliases import move_alias, version_scores
+from peft_arena.tracking.aliases import eval_history, move_alias, version_scores
 from peft_arena.tracking.versions import (CHAMPION, PolicyError, RegistryError, alias_holder, fit_tag, mlflow_client, now,
                                           require_version)
 
@@ -91,13 +91,21 @@ def evaluate_policy(policy: Policy, domain: str | None, candidate_scores: dict[s
                     champion_scores: dict[str, Any] | None) -> Decision:
     """Decide whether a candidate may take the policy's alias. Pure: no MLflow calls.
 
-    Scores are dicts with ``target_avg``, ``target_gain_pp``, ``forget_pp`` (``score/`` prefixes allowed) and
-    optionally ``eval_key``. ``champion_scores`` is None when no version holds the alias yet. Every gate is
-    reported in ``reasons``, passed or failed, so the record says what the decision was based on.
+    Scores are dicts with ``target_avg``, ``target_gain_pp``, ``forget_pp`` (``score/`` prefixes allowed),
+    ``provenance`` and optionally ``eval_key``. Only ``provenance == "full"`` evidence is accepted: a sample,
+    subset or partial-task evaluation (or scores of unknown provenance) is refused, and the reason says so.
+    ``champion_scores`` is None when no version holds the alias yet. Every gate is reported in ``reasons``,
+    passed or failed, so the record says what the decision was based on.
     """
     gates = policy.gates(domain)
     cand = {k.removeprefix("score/"): v for k, v in candidate_scores.items()}
     reasons, ok = [], True
+    provenance = cand.get("provenance")
+    if provenance != "full":
+        ok = False
+        reasons.append(f"refused: the evidence is {provenance or 'of unknown provenance'}, not a full evaluation; "
+                       "provisional scores (bundled samples, limit subsets, partial task lists, protocol overrides) "
+                       "cannot make a champion: evaluate the version on the full benchmarks")
 
     def need(key: str) -> float | None:
         nonlocal ok
@@ -128,7 +136,7 @@ def evaluate_policy(policy: Policy, domain: str | None, candidate_scores: dict[s
             ok = False
             reasons.append(f"the {policy.alias} has no recorded target_avg; evaluate it first")
         else:
-            margin = target - float(champ["target_avg"])
+            margin = target - float(champ["target_avg"])  # same eval_key: same suite, settings and data
             passed = margin > gates.min_margin_over_champion_pp
             ok &= passed
             reasons.append(f"target {target:.2f} vs {policy.alias} {float(champ['target_avg']):.2f} "
@@ -140,7 +148,8 @@ def apply_policy(name: str, version: str | int, policy: Policy | str | Path = "r
                  actor: str | None = None) -> Decision:
     """Apply the policy to an evaluated version: move the policy's alias to it only when every gate passes.
 
-    Scores come from the version's tags (written by :func:`record_scores`); the champion's from its own tags.
+    Scores come from the version's tags (written by :func:`record_scores`, full evaluations only); the
+    champion's from its own tags. A version evaluated only provisionally gets a recorded refusal that says so.
     The decision, promote or not, is recorded on the version (``arena.policy.<alias>.*``).
     """
     if not isinstance(policy, Policy):
@@ -149,18 +158,27 @@ def apply_policy(name: str, version: str | int, policy: Policy | str | Path = "r
     version = str(version)
     mv = require_version(client, name, version)
     scores = version_scores(mv.tags)
-    if not scores:
-        raise RegistryError(f"version {version} of {name!r} has no recorded scores; "
+    history = eval_history(mv.tags)
+    if not scores and not history:
+        raise RegistryError(f"version {version} of {name!r} has no recorded evaluation; "
                             f"run evaluate on models:/{name}/{version} first")
     domain = mv.tags.get("arena.domain")
     holder = alias_holder(client, name, policy.alias)
     if holder is not None and str(holder.version) == version:
         decision = Decision(False, [f"version {version} already holds {policy.alias}"], {"domain": domain})
+    elif not scores:
+        last = history[-1]
+        detail = ", ".join(f"{b}: {p}" for b, p in (last.get("detail") or {}).items()) or "details unknown"
+        decision = Decision(False, [
+            f"refused: version {version} has only provisional evaluations (latest: run {last.get('run')}, "
+            f"{detail}); provisional scores cannot make a {policy.alias}: evaluate models:/{name}/{version} on the "
+            "full benchmarks (no limit, full data, protocol generation settings)"], {"domain": domain})
     else:
         champion_scores = None
         if holder is not None:
             champion_scores = {**version_scores(holder.tags), "eval_key": holder.tags.get("arena.eval_key")}
-        decision = evaluate_policy(policy, domain, {**scores, "eval_key": mv.tags.get("arena.eval_key")},
+        decision = evaluate_policy(policy, domain, {**scores, "eval_key": mv.tags.get("arena.eval_key"),
+                                                    "provenance": mv.tags.get("arena.score_provenance")},
                                    champion_scores)
     prefix = f"arena.policy.{policy.alias}."
     client.set_model_version_tag(name, version, prefix + "decision", "promote" if decision.promote else "keep")

@@ -15,9 +15,16 @@ Methods are built by the arena's registry and handed to TRL already wrapped (nev
 ``peft_config``), so PiSSA/MiLoRA's residual base, KeepLoRA's gradient init and AdaLoRA's schedule are the
 arena's own. A method that cannot run raises; none is replaced by another.
 
-Known differences from SFT for some methods: AdaLoRA's orthogonality regulariser is added by peft only to a
-loss computed from labels, so under GRPO (no labels) AdaLoRA trains without it (rank reallocation still runs
-every step); AdaLoRA with a KL term is refused (see :func:`train_grpo`).
+AdaLoRA trains under GRPO exactly as under SFT: the method's own callback adds the orthogonality regulariser's
+gradient once per optimizer step and, with ``reallocate=true``, calls peft's ``update_and_allocate`` after each
+step (the budget schedule prunes only between ``tinit`` and ``total_step − tfinal``, every ``delta_t`` steps); with
+``reallocate=false`` (the paper's code) neither runs. peft's own regulariser is off (it only sees a loss computed
+from labels, which GRPO has not). AdaLoRA with a KL term is refused (see :func:`train_grpo`).
+
+KeepLoRA's calibration batch (GRPO has no labels) is the prompts of the trainer's first generation round, in its
+shuffled sampler's order, paired with their reference answers (:func:`first_generation_rows`,
+:func:`keeplora_calibration_batch`); with a KL term the frozen reference adapter is re-copied afterwards, so the
+reference stays the initial policy.
 """
 
 from __future__ import annotations
@@ -267,28 +274,41 @@ def _arena_callback(tracker, recorder: CompletionsRecorder, recipe: GRPORecipe, 
 # ---------------------------------------------------------------------------------------------------- training
 
 
-def keeplora_calibration_batch(records: list[dict], tokenizer, domain: str, size: int) -> dict[str, torch.Tensor]:
+def first_generation_rows(trainer) -> list[dict]:
+    """The dataset rows of the trainer's first generation round, one per prompt, in its sampler's (shuffled)
+    order. GRPOTrainer builds a fresh seeded ``RepeatSampler`` for every train dataloader, so training's first round
+    draws the same prompts."""
+    rows, seen = [], set()
+    for row in next(iter(trainer.get_train_dataloader())):
+        key = repr(row["prompt"])
+        if key not in seen:
+            seen.add(key)
+            rows.append(row)
+    return rows
+
+
+def keeplora_calibration_batch(rows: list[dict], tokenizer) -> dict[str, torch.Tensor]:
     """KeepLoRA's gradient seed under GRPO: cross-entropy of the reference answers given the RL prompts.
 
-    GRPO has no labels, so the first prompt batch is paired with its reference solutions (the same pairs SFT
-    would train on, loss on the answer tokens only). The gradient then points toward producing correct,
-    boxed answers to these prompts, which is where the policy gradient pushes once rewards arrive.
+    ``rows`` are GRPO dataset rows (``prompt`` messages and ``answer``; :func:`first_generation_rows`). GRPO has
+    no labels, so the prompts are paired with their reference solutions (the same pairs SFT would train on, loss on
+    the answer tokens only). The gradient then points toward producing correct, boxed answers to these prompts,
+    which is where the policy gradient pushes once rewards arrive.
     """
-    rows = []
-    for record in records[:size]:
-        if not record.get("answer"):
+    pairs = []
+    for row in rows:
+        if not row.get("answer"):
             raise MethodError("keeplora under GRPO needs reference answers for its calibration batch; "
                               "the training records have none (use a source with worked solutions)")
-        messages = [{"role": "user", "content": rl_prompt_text(record["question"], domain)}]
-        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        prompt = tokenizer.apply_chat_template(list(row["prompt"]), tokenize=False, add_generation_prompt=True)
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        answer_ids = tokenizer(record["answer"] + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
-        rows.append((prompt_ids, answer_ids))
-    length = max(len(p) + len(a) for p, a in rows)
-    ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
+        answer_ids = tokenizer(row["answer"] + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+        pairs.append((prompt_ids, answer_ids))
+    length = max(len(p) + len(a) for p, a in pairs)
+    ids = torch.full((len(pairs), length), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
     labels = torch.full_like(ids, -100)
-    for i, (p, a) in enumerate(rows):
+    for i, (p, a) in enumerate(pairs):
         ids[i, : len(p) + len(a)] = torch.tensor(p + a)
         mask[i, : len(p) + len(a)] = 1
         labels[i, len(p): len(p) + len(a)] = torch.tensor(a)
@@ -380,11 +400,8 @@ def train_grpo(model_source: str, tokenizer_source: str, method: str, method_opt
     dtype = precision.resolve_dtype(recipe.precision, cuda and not sharded)
     device = None if not cuda or sharded else f"cuda:{local if local is not None else torch.cuda.current_device()}"
     model = precision.load_base_for_training(model_source, dtype, recipe.attn_implementation, device=device)
-    ctx = BuildContext(
-        calibration_batch=(keeplora_calibration_batch(records, tokenizer, domain, recipe.prompts_per_generation)
-                           if spec.needs_calibration else None),
-        train="grpo", total_steps=recipe.max_steps, seed=recipe.seed,
-    )
+    ctx = BuildContext(defer_calibration=spec.needs_calibration, train="grpo", total_steps=recipe.max_steps,
+                       seed=recipe.seed)
     model = spec.build(model, options, ctx)
     if recipe.beta and spec.rewrites_base:
         # TRL's KL reference is a copy of the adapter added through peft's add_adapter, which would run the
@@ -458,6 +475,12 @@ def train_grpo(model_source: str, tokenizer_source: str, method: str, method_opt
         optimizers=(optimizer, None), callbacks=[*callbacks, logging_callback, *extra_callbacks],
     )
     tracker.set_tags(distributed.describe(trainer))  # also refuses an engine other than the one asked for
+    if spec.needs_calibration:  # KeepLoRA: from the prompts of the trainer's own first generation round
+        rows = first_generation_rows(trainer)
+        spec.calibrate(trainer.model, options, keeplora_calibration_batch(rows, tokenizer))
+        tracker.log_params({"calibration_examples": len(rows)})
+        if "ref" in getattr(trainer.model, "peft_config", {}):
+            _copy_adapter(trainer.model, "default", "ref")  # TRL copied the adapter before it was initialised
     trainer.train()
 
     trained = trainer.model
@@ -485,6 +508,14 @@ def train_grpo(model_source: str, tokenizer_source: str, method: str, method_opt
         "final_reward": summary["train/final_reward"], "final_accuracy": summary["train/final_accuracy"],
         "history": history,
     }
+
+
+def _copy_adapter(peft_model, source: str, target: str) -> None:
+    """Copy adapter ``source``'s weights into adapter ``target`` (as TRL builds its KL reference adapter)."""
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if f".{source}." in name:
+                peft_model.get_parameter(name.replace(f".{source}.", f".{target}.")).copy_(param)
 
 
 def _plain_init_for_reference_copy(peft_model) -> None:

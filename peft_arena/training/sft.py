@@ -1,8 +1,15 @@
 """Supervised finetuning recipe: one method, one domain, TRL's SFTTrainer (paper §3.1, sized by the config).
 
-Paper protocol kept: one user turn rendered with the tokenizer's chat template, loss on the response tokens
-only, over-long examples dropped rather than truncated, AdamW (0.9, 0.95), weight decay 0.01, gradient
-clipping 1.0, cosine schedule with 10 % linear warmup to 0.
+Paper protocol kept (reference §3.1): the prompt is one user turn rendered with the tokenizer's chat template
+(generation prompt added, no system message), the target is ``answer + eos_token`` – so a base model such as
+Qwen2.5-7B learns to stop with its EOS (``<|endoftext|>``), not with the chat template's end-of-turn token, and an
+instruct model with its own EOS (which is its end-of-turn token) – tokenised without special tokens; loss on the
+response tokens only, over-long examples dropped rather than truncated, AdamW (0.9, 0.95), weight decay 0.01,
+gradient clipping 1.0, cosine schedule with 10 % linear warmup to 0. The examples reach TRL already tokenised
+(``input_ids`` + ``completion_mask``), so TRL's own chat rendering never changes the target.
+
+KeepLoRA's calibration batch is the trainer's own first micro-batch (its shuffled sampler's first draw), taken
+after the trainer is built and before it trains; see :func:`first_micro_batch`.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ from pathlib import Path
 import torch
 
 from peft_arena.config import SFTConfig
-from peft_arena.data import load_records, sft_dataset
+from peft_arena.data import load_records
 from peft_arena.methods import BuildContext, get_method
 from peft_arena.methods import ops
 from peft_arena.models import load_tokenizer, resolve_base
@@ -30,6 +37,11 @@ def default_data(domain: str) -> str:
 
 def tokenize_example(tokenizer, question: str, answer: str) -> tuple[list[int], list[int]]:
     """Prompt ids (chat template, generation prompt) and response ids (answer + EOS), as the paper builds them."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the tokenizer has no chat template; the paper's SFT renders every question with one "
+                         "(Qwen2.5-7B base ships one): use a tokenizer that has a chat template")
+    if not tokenizer.eos_token:
+        raise ValueError("the tokenizer has no EOS token; the paper's SFT target is answer + EOS")
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
                                            add_generation_prompt=True)
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -47,19 +59,43 @@ def drop_overlong(records: list[dict], tokenizer, max_length: int) -> list[dict]
     return kept
 
 
-def calibration_batch(records: list[dict], tokenizer, size: int) -> dict[str, torch.Tensor]:
-    """The first training micro-batch, tokenised with response-only labels (KeepLoRA's gradient seed)."""
-    rows = [tokenize_example(tokenizer, r["question"], r["answer"]) for r in records[:size]]
+def sft_token_dataset(records: list[dict], tokenizer):
+    """The training examples, tokenised as the paper does (:func:`tokenize_example`): ``input_ids`` and a
+    ``completion_mask`` that is 1 on the answer + EOS tokens (TRL turns it into the labels)."""
+    from datasets import Dataset
+
+    rows = []
+    for rec in records:
+        if not rec["answer"]:
+            raise ValueError(f"record without an answer cannot be used for SFT: {rec['question'][:80]!r}")
+        prompt_ids, response_ids = tokenize_example(tokenizer, rec["question"], rec["answer"])
+        rows.append({"input_ids": prompt_ids + response_ids,
+                     "completion_mask": [0] * len(prompt_ids) + [1] * len(response_ids)})
+    if not rows:
+        raise ValueError("no records to build an SFT dataset from")
+    return Dataset.from_list(rows)
+
+
+def tokenised_batch(records: list[dict], tokenizer) -> dict[str, torch.Tensor]:
+    """``records`` as one right-padded batch with answer-only labels (:func:`tokenize_example`), for timing a
+    gradient initialisation outside a trainer (bench/train_bench.py); training calibrates on
+    :func:`first_micro_batch`."""
+    rows = [tokenize_example(tokenizer, r["question"], r["answer"]) for r in records]
     length = max(len(p) + len(r) for p, r in rows)
     ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
     labels = torch.full_like(ids, -100)
     for i, (p, r) in enumerate(rows):
-        seq = p + r
-        ids[i, : len(seq)] = torch.tensor(seq)
-        mask[i, : len(seq)] = 1
-        labels[i, len(p): len(seq)] = torch.tensor(r)
+        ids[i, : len(p) + len(r)] = torch.tensor(p + r)
+        mask[i, : len(p) + len(r)] = 1
+        labels[i, len(p): len(p) + len(r)] = torch.tensor(r)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def first_micro_batch(trainer) -> dict[str, torch.Tensor]:
+    """The first micro-batch the trainer will train on: the first draw of a fresh train dataloader (its sampler is
+    seeded with ``data_seed``, so training's first epoch draws the same order), with the collator's labels."""
+    return next(iter(trainer.get_train_dataloader()))
 
 
 def resolve_settings(cfg: SFTConfig, method: str, options: dict, model_config) -> precision.TrainSettings:
@@ -122,11 +158,9 @@ def train_sft(cfg: SFTConfig, tracker, output_dir: str | Path, *, base_model=Non
         model = base_model
     if settings.liger:
         precision.apply_liger(model)
-    ctx = BuildContext(
-        calibration_batch=(calibration_batch(records, tokenizer, cfg.batch_size)
-                           if spec.needs_calibration and not structure_only else None),
-        train="sft", total_steps=total_steps, seed=cfg.seed, structure_only=structure_only,
-    )
+    # KeepLoRA's gradient init waits for the trainer: its first shuffled micro-batch is the calibration batch
+    ctx = BuildContext(defer_calibration=spec.needs_calibration and not structure_only, train="sft",
+                       total_steps=total_steps, seed=cfg.seed, structure_only=structure_only)
     model = spec.build(model, options, ctx)  # on the GPU when there is one: SVD inits and calibration run there
     lean_adapters.install()  # DoRA: B·A formed directly, fp32 norm (same math as peft)
     if cuda and settings.dtype == torch.bfloat16:  # bf16 autocast casts adapter inputs for the matmuls
@@ -173,10 +207,14 @@ def train_sft(cfg: SFTConfig, tracker, output_dir: str | Path, *, base_model=Non
                  if getattr(spec, "make_optimizer", None) else None)
     callbacks = [*(spec.callbacks(model, options, ctx) if getattr(spec, "callbacks", None) else []), *monitor]
     trainer = SFTTrainer(
-        model=model, args=args, train_dataset=sft_dataset(records), processing_class=tokenizer,
+        model=model, args=args, train_dataset=sft_token_dataset(records, tokenizer), processing_class=tokenizer,
         optimizers=(optimizer, None), callbacks=[*callbacks, *extra_callbacks],
     )
     tracker.set_tags(distributed.describe(trainer))  # also refuses an engine other than the one asked for
+    if spec.needs_calibration and not structure_only:  # KeepLoRA: the trainer's own first (shuffled) micro-batch
+        batch = first_micro_batch(trainer)
+        spec.calibrate(trainer.model, options, batch)
+        tracker.log_params({"calibration_examples": int(batch["input_ids"].shape[0])})
     result = trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
