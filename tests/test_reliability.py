@@ -336,44 +336,50 @@ def test_killed_promote_is_cleaned_up_by_the_next_command(store, capsys, where):
                                            filter_string=f"source_run_id = '{promote.info.run_id}'")
 
 
-@pytest.fixture
-def one_model_load_at_a_time(monkeypatch):
-    """transformers' model loading is not thread-safe (it patches module construction process-wide: concurrent
-    loads in threads give "Cannot copy out of meta tensor" or garbage weights). The stages run in separate processes
-    in real use; the thread-based probes below serialise only the loading, so what races is the store work."""
-    import peft_arena.models as models
-    from peft_arena.methods import ops
+# transformers/peft model construction is not thread-safe (loading patches module construction process-wide:
+# concurrent threads get "Cannot copy out of meta tensor" or garbage weights). The stages run in separate processes in
+# real use; the thread-based probes below hold this gate over the model work, so what races is the store work only.
+_MODEL_WORK = threading.RLock()
 
-    gate = threading.RLock()
 
-    def serial(real):
-        def call(*args, **kwargs):
-            with gate:
-                return real(*args, **kwargs)
-        return call
-
-    monkeypatch.setattr(models, "load_model", serial(models.load_model))
-    monkeypatch.setattr(ops, "load_trained", serial(ops.load_trained))
+def _gated(fn):
+    def call(*args, **kwargs):
+        with _MODEL_WORK:
+            return fn(*args, **kwargs)
+    return call
 
 
 @probe("registry", "4 concurrent first promotions into a new model name all succeed, alias history consistent")
-def test_concurrent_first_promotions(store, monkeypatch, one_model_load_at_a_time):
+def test_concurrent_first_promotions(store, monkeypatch):
     """Four promotions (threads, each its own MLflow run; the registry lock is an fcntl lock per open file, so
-    threads contend for it exactly as processes do) lined up at the registry step so that they really race."""
+    threads contend for it exactly as processes do): merge and logging one at a time, then all four line up at the
+    registry step (model creation, version, alias move and history) so that they really race there."""
     import mlflow
 
+    from peft_arena.stages import promote
     from peft_arena.tracking import registration
     from peft_arena.tracking import registry as reg
 
     n = 4
     sources = [_training_run(store) for _ in range(n)]
-    line_up = threading.Barrier(n, timeout=300)
-    real_lock = registration.store_lock
+    line_up = threading.Barrier(n, timeout=600)
+    real_lock, real_promote = registration.store_lock, promote.run_promote
 
-    def lock_after_line_up(key, *args, **kwargs):  # all four reach the registry step before any goes on
+    def promote_holding_the_gate(*args, **kwargs):
+        _MODEL_WORK.acquire()
+        try:
+            return real_promote(*args, **kwargs)
+        finally:
+            if _MODEL_WORK._is_owned():
+                _MODEL_WORK.release()
+
+    def lock_after_line_up(key, *args, **kwargs):  # the model work is done: let the next thread merge, then race
+        if _MODEL_WORK._is_owned():
+            _MODEL_WORK.release()
         line_up.wait()
         return real_lock(key, *args, **kwargs)
 
+    monkeypatch.setattr(promote, "run_promote", promote_holding_the_gate)
     monkeypatch.setattr(registration, "store_lock", lock_after_line_up)
     errors = []
 
@@ -444,10 +450,14 @@ def test_store_lock_serialises_read_modify_write(store, kind, tmp_path):
 
 
 @probe("registry", "8 concurrent evaluations share one base evaluation (and lose no eval_history entry)")
-def test_concurrent_evaluations_share_one_base_evaluation(store, one_model_load_at_a_time):
+def test_concurrent_evaluations_share_one_base_evaluation(store, monkeypatch):
+    """Eight evaluations (threads; each model evaluation holds the gate, the store work races) of one version."""
     import mlflow
 
     from peft_arena.cli import run_stage
+    from peft_arena.stages import evaluate as evaluate_stage
+
+    monkeypatch.setattr(evaluate_stage, "_evaluate", _gated(evaluate_stage._evaluate))
     from peft_arena.tracking.versions import EVAL_HISTORY_TAG
 
     n, results, errors = 8, [], []
