@@ -13,6 +13,7 @@ import os
 import sys
 import time
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
 
 from peft_arena.sweep.plan import Chain, stage_inputs
@@ -43,7 +44,28 @@ def absorb(stage: str, run_id: str, facts: dict, upstream: dict) -> None:
         upstream["model_uri"] = uri
 
 
-def run_chain(chain: Chain, parent_run_id: str, experiment_id: str, fresh: bool = False) -> dict:
+@contextmanager
+def _serialised(lock_dir: str | None, name: str):
+    """Hold an exclusive file lock under ``lock_dir`` (shared by the sweep's chain processes) for the block."""
+    if not lock_dir:
+        yield
+        return
+    import fcntl
+
+    path = Path(lock_dir) / f"{name}.lock"
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def run_chain(chain: Chain, parent_run_id: str, experiment_id: str, fresh: bool = False,
+              lock_dir: str | None = None) -> dict:
+    """Run (or reuse) every stage of ``chain``. Promotions of chains into the same registered model (same base
+    and domain) take turns through a file lock in ``lock_dir``, so parallel chains never race to create the
+    model or move its ``candidate`` alias."""
     from peft_arena.cli import run_stage
 
     upstream: dict = {}
@@ -65,7 +87,9 @@ def run_chain(chain: Chain, parent_run_id: str, experiment_id: str, fresh: bool 
         started = time.time()
         print(f"[arena] {chain.key}: {verb} in run {run_id}", file=sys.stderr, flush=True)
         try:
-            result = run_stage(verb, None, stage_inputs(chain, stage, upstream))
+            turn = f"promote-{chain.base_model}-{chain.domain}".replace("/", "_") if stage == "promote" else None
+            with _serialised(lock_dir if turn else None, turn or ""):
+                result = run_stage(verb, None, stage_inputs(chain, stage, upstream))
             absorb(stage, run_id, result, upstream)
             stages.append({"stage": verb, "status": "finished", "run_id": run_id,
                            "seconds": round(time.time() - started, 1),
@@ -108,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         outcome = run_report(spec["report"], spec["parent_run_id"], spec["experiment_id"])
     else:
         chain = Chain.from_dict(spec["chain"])
-        outcome = run_chain(chain, spec["parent_run_id"], spec["experiment_id"], bool(spec.get("fresh")))
+        outcome = run_chain(chain, spec["parent_run_id"], spec["experiment_id"], bool(spec.get("fresh")),
+                            lock_dir=str(Path(spec["result"]).parent))
     Path(spec["result"]).write_text(json.dumps(outcome, indent=2))
     return 0 if outcome["status"] == "finished" else 1
 
