@@ -65,12 +65,13 @@ def test_probe_sets_come_from_the_offline_files():
 
 
 def _train_sft(tmp_path, **over):
-    from peft_arena.stages.train import run_train_sft
+    """The training itself (the stage would remove the local working folder once the adapter is logged)."""
+    from peft_arena.training.sft import train_sft
 
     tracker = MemoryTracker()
     cfg = build_config("train_sft", None, {"base_model": "tiny", "domain": "med", "limit": 8, "monitor_size": 3,
-                                           "output_dir": str(tmp_path), **over})
-    result = run_train_sft(cfg, tracker)
+                                           **over})
+    result = train_sft(cfg, tracker, tmp_path / "memory")
     return tracker, result
 
 

@@ -85,11 +85,17 @@ def last_failure(stage: str, config_hash: str, experiment_id: str | None) -> dic
 
 def create_child_run(parent_run_id: str, experiment_id: str, stage: str, chain: str, config_hash: str) -> str:
     """A new run nested under the sweep's parent run, for a stage process to resume (``MLFLOW_RUN_ID``)."""
+    import json
+    import time
+
+    from peft_arena.tracking.heartbeat import HEARTBEAT_TAG, identity, interval_s
     from peft_arena.tracking.runs import versions
 
+    # the creating process's lease until the stage resumes the run and beats itself: `doctor` leaves it alone
+    lease = json.dumps({**identity(), "at": round(time.time(), 3), "every": interval_s()})
     run = _client().create_run(experiment_id, tags={
         "mlflow.parentRunId": parent_run_id, PARENT_TAG: parent_run_id, CHAIN_TAG: chain, HASH_TAG: config_hash,
-        "arena.stage": stage, **versions()})
+        "arena.stage": stage, HEARTBEAT_TAG: lease, **versions()})
     return run.info.run_id
 
 

@@ -22,7 +22,9 @@ fewer spare records than ``monitor_size`` (the bundled samples), the monitor hol
 ``forgetting_budget=B`` (percent, 0 = none) stops training at the first probe whose general NLL rose more than
 B % over the first probe (tags ``arena.monitor.stopped_early=true`` and ``arena.monitor.stop_reason``, and the run
 description). At every probe point the trainable tensors are checkpointed to
-``<output_dir>/monitor/step-NNNNNN.safetensors``. ``monitor_select=pareto`` then restores, before the adapter is
+``<output_dir>/monitor/step-NNNNNN.safetensors`` (the run's local working folder, which the training stage removes
+once the adapter is logged; their steps and scores stay in ``monitor/probes.json``). ``monitor_select=pareto``
+then restores, before the adapter is
 saved, the probe point chosen on the target/general Pareto front (both NLLs minimised; the probe before training
 is not a candidate):
 
