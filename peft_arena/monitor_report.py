@@ -104,13 +104,13 @@ def trust_table(runs: pd.DataFrame, board: pd.DataFrame) -> pd.DataFrame:
         step = int(selected) if isinstance(selected, str) and selected.isdigit() else None
         row = {"run_id": r["run_id"], "model": _label(r), "domain": r.get("tags.arena.domain"),
                "base": r.get("tags.arena.base_model"), "probe_step": step,
-               "general_delta_pp": float(ev["general_delta_pp"])}
+               "general_delta_pp": float(ev["general_delta_pp"]), "provenance": ev.get("provenance") or "full"}
         for name, (key, sign) in PREDICTORS.items():
             value = _value_at(search.metric_history(r["run_id"], key), step)
             row[name] = None if value is None else sign * value
         rows.append(row)
     return pd.DataFrame(rows, columns=["run_id", "model", "domain", "base", "probe_step", "general_delta_pp",
-                                       *PREDICTORS])
+                                       "provenance", *PREDICTORS])
 
 
 def spearman(table: pd.DataFrame) -> list[dict]:
@@ -128,9 +128,12 @@ def spearman(table: pd.DataFrame) -> list[dict]:
     return out
 
 
-def trust_statement(stats: list[dict]) -> str:
+def trust_statement(stats: list[dict], table: pd.DataFrame | None = None) -> str:
     """What a user should take from the correlation, in one paragraph."""
     lines = []
+    if table is not None and len(table) and (table["provenance"] != "full").any():
+        lines.append(f"- note: {int((table['provenance'] != 'full').sum())} of the {len(table)} general scores are "
+                     "provisional (samples or subsets): smoke numbers, not benchmark scores.")
     for s in stats:
         if s["spearman_rho"] is None:
             why = (f"only {s['n']} monitored run(s) with a general score (needs {MIN_N})" if s["n"] < MIN_N

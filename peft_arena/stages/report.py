@@ -109,7 +109,7 @@ def _monitor_section(board, experiments, filters, out: Path, tracker) -> dict:
         plots.append(str(path))
     table = mr.trust_table(runs, board)
     stats = mr.spearman(table)
-    statement = mr.trust_statement(stats)
+    statement = mr.trust_statement(stats, table)
     (out / "monitor_trust.md").write_text(
         "# How far to trust the forgetting monitor\n\nRank correlation, across the evaluated monitored runs in the "
         "store, between the probe at the saved adapter and the final `score/general_delta_pp`:\n\n" + statement +
