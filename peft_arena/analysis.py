@@ -217,12 +217,17 @@ def pareto_front(df: pd.DataFrame, x: str = "general", y: str = "target") -> pd.
 
 def plot_pareto(df: pd.DataFrame, base_df: pd.DataFrame | None = None):
     """Target (y) against general (x) average, one panel per (domain, base, evaluation key): every model, the Pareto
-    front as a step line, and the base model evaluated under the same key as a black star. Colours are method
-    families, markers train types; a panel's title names its suite and key, and says when it is provisional."""
+    front (a black step line through ringed points), and the base model evaluated under the same key as a black
+    star. Colours are methods (the arena's one method-colour legend, :mod:`peft_arena.plotting.style`); markers
+    are training kinds (circle SFT, triangle GRPO), explained in the legend only when a panel has both. A panel's
+    title names its suite and key, and says when it is provisional."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    from peft_arena.plotting.style import REFERENCE, TRAIN_MARKERS, method_color, method_handles
 
     base_df = base_df if base_df is not None else pd.DataFrame(columns=BASE_COLUMNS)
     keys = sorted({tuple(k) for k in df[GROUP].itertuples(index=False)}, key=str) or sorted(
@@ -230,26 +235,33 @@ def plot_pareto(df: pd.DataFrame, base_df: pd.DataFrame | None = None):
     if not keys:
         raise ValueError("nothing to plot: no evaluated models and no base evaluations")
     fig, axes = plt.subplots(1, len(keys), figsize=(6.2 * len(keys), 5.0), squeeze=False)
-    families = sorted(df["family"].dropna().unique()) if "family" in df else []
-    colors = {f: f"C{i % 10}" for i, f in enumerate(families)}
-    markers = {"sft": "o", "grpo": "^"}
     for ax, (domain, base, key) in zip(axes[0], keys):
         sub = df[(df["domain"] == domain) & (df["base"] == base) & (df["eval_key"] == key)]
-        placed = 0
-        for _, r in sub.iterrows():
-            if _missing(r["general"]) or _missing(r["target"]):
-                continue  # a suite without the paper's general or target average has no point in this plane
-            placed += 1
-            ax.scatter(r["general"], r["target"], s=46, color=colors.get(r.get("family"), "grey"),
-                       marker=markers.get(r.get("train"), "s"), edgecolor="black", linewidth=0.4, zorder=3)
-            ax.annotate(model_name(r), (r["general"], r["target"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
-        if len(sub) > placed:
-            ax.text(0.02, 0.02, f"{len(sub) - placed} model(s) without both averages under this key (not plotted)",
+        missing = sub.apply(lambda r: _missing(r["general"]) or _missing(r["target"]), axis=1) if len(sub) else []
+        if len(sub) and missing.any():  # a suite without the paper's general or target average: no point here
+            ax.text(0.02, 0.02, f"{int(missing.sum())} model(s) without both averages under this key (not plotted)",
                     transform=ax.transAxes, fontsize=7, color="grey")
+            sub = sub[~missing]
+        trains = sorted({t for t in sub.get("train", []) if isinstance(t, str)})
+        for _, r in sub.iterrows():
+            ax.scatter(r["general"], r["target"], s=46, color=method_color(r.get("method")),
+                       marker=TRAIN_MARKERS.get(r.get("train"), "s"), edgecolor="black", linewidth=0.4, zorder=3)
+            ax.annotate(model_name(r), (r["general"], r["target"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        handles = method_handles([m for m in sub.get("method", []) if isinstance(m, str)],
+                                 marker=TRAIN_MARKERS.get(trains[0], "s") if len(trains) == 1 else "o")
+        if len(trains) > 1:
+            handles += [Line2D([], [], color=REFERENCE, marker=TRAIN_MARKERS.get(t, "s"), markerfacecolor="none",
+                               linestyle="", label=t.upper()) for t in trains]
         front = pareto_front(sub)
         if len(front):
-            ax.step(front["general"], front["target"], where="pre", color="black", linewidth=1.0, alpha=0.6,
-                    zorder=2, label="Pareto front")
+            if len(front) > 1:
+                ax.step(front["general"], front["target"], where="pre", color=REFERENCE, linewidth=1.0, alpha=0.6,
+                        zorder=2, label="Pareto front")
+            ax.scatter(front["general"], front["target"], s=150, facecolors="none", edgecolors=REFERENCE,
+                       linewidths=0.9, zorder=2)
+            handles.append(Line2D([], [], color=REFERENCE, alpha=0.6 if len(front) > 1 else 1.0,
+                                  linestyle="-" if len(front) > 1 else "", marker="o", markersize=10,
+                                  markerfacecolor="none", label="Pareto front"))
         same_domain = (base_df["domain"] == domain) | base_df["domain"].isna() | (base_df["domain"] == "")
         bsub = base_df[same_domain & (base_df["base"] == base) & (base_df["eval_key"] == key)]
         for _, b in bsub.iterrows():
@@ -257,23 +269,22 @@ def plot_pareto(df: pd.DataFrame, base_df: pd.DataFrame | None = None):
             target = b["target"] if _missing(target) else target
             if _missing(target) or _missing(b["general"]):
                 continue
-            ax.scatter(b["general"], target, s=160, marker="*", color="black", zorder=4, label="base model")
-            ax.axvline(b["general"], color="black", linestyle=":", linewidth=0.8)
-            ax.axhline(target, color="black", linestyle=":", linewidth=0.8)
+            ax.scatter(b["general"], target, s=160, marker="*", color=REFERENCE, zorder=4, label="base model")
+            ax.axvline(b["general"], color=REFERENCE, linestyle=":", linewidth=0.8)
+            ax.axhline(target, color=REFERENCE, linestyle=":", linewidth=0.8)
+            if not any(h.get_label() == "base model" for h in handles):
+                handles.append(Line2D([], [], color=REFERENCE, marker="*", markersize=11, linestyle="",
+                                      label="base model"))
         ax.set_xlabel("general average (%)  — stability")
         ax.set_ylabel("target average (%)  — plasticity")
         suite = next((s for s in [*sub.get("suite", []), *bsub.get("suite", [])] if isinstance(s, str)), "?")
         provisional = PROVISIONAL in set(sub.get("provenance", [])) | set(bsub.get("provenance", []))
         ax.set_title(f"{domain} · {base} · eval {key}" + (" (PROVISIONAL)" if provisional else "")
-                     + f"\n{_short_suite(suite)}", fontsize=9)
+                     + (f" · all {trains[0].upper()}" if len(trains) == 1 else "") + f"\n{_short_suite(suite)}",
+                     fontsize=9)
         ax.grid(alpha=0.3)
-        handles = [plt.Line2D([], [], color=colors[f], marker="o", linestyle="", label=f) for f in families
-                   if f in set(sub.get("family", []))]
-        handles += [plt.Line2D([], [], color="grey", marker=m, linestyle="", label=t) for t, m in markers.items()
-                    if t in set(sub.get("train", []))]
-        extra, labels = ax.get_legend_handles_labels()
-        seen = dict(zip(labels, extra))
-        ax.legend(handles=handles + list(seen.values()), fontsize=7, loc="best")
+        if handles:
+            ax.legend(handles=handles, fontsize=7, loc="best")
     fig.suptitle("Target vs general: up-right is better; dotted lines mark the base model", fontsize=10)
     fig.tight_layout()
     return fig

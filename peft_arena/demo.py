@@ -20,8 +20,18 @@ DOMAIN = "med"
 # The paper's medical target (every medical benchmark) and general average (IFEval, NQ, BBH), so both averages hold.
 DEMO_SUITE = "medqa,medmcqa,pubmedqa,mmlu_medical,ifeval,nq,bbh"
 # Sized so the whole demo finishes in about 10 minutes on 2 CPU cores with SmolLM2-135M.
-FULL = {"base": "smollm2-135m", "steps": 8, "limit": 32, "eval_limit": 4, "n_samples": 2, "max_new_tokens": 96}
+FULL = {"base": "smollm2-135m", "steps": 8, "limit": 32, "eval_limit": 4, "n_samples": 1, "max_new_tokens": 64}
 FAST = {"base": "tiny", "steps": 2, "limit": 8, "eval_limit": 2, "n_samples": 2, "max_new_tokens": 8}
+
+
+def ui_command(db: Path) -> str:
+    """The command that opens the MLflow UI on ``db``, runnable as printed: ``make ui`` for the default store in
+    the project folder, else this interpreter's own ``mlflow`` (the virtualenv's, which may not be on PATH)."""
+    here = Path.cwd()
+    if db == (here / "demo_arena" / "mlflow.db").resolve() and (here / "Makefile").exists():
+        return "make ui"
+    mlflow_bin = Path(sys.executable).parent / "mlflow"
+    return f"{mlflow_bin if mlflow_bin.exists() else 'mlflow'} ui --backend-store-uri sqlite:///{db} --host 127.0.0.1 --port 5000"
 
 
 def _say(step: int, total: int, text: str, started: float) -> None:
@@ -79,6 +89,6 @@ def run_demo(directory: str = "demo_arena", fast: bool = False) -> dict:
     run_stage("report", None, {"output_dir": str(root / "report"), "include_provisional": True})
 
     minutes = (time.time() - started) / 60
-    print(f"\n[demo] done in {minutes:.1f} min. Open the MLflow UI on the demo's store with:\n"
-          f"  mlflow ui --backend-store-uri sqlite:///{db} --host 127.0.0.1 --port 5000", file=sys.stderr)
+    print(f"\n[demo] done in {minutes:.1f} min. Open the MLflow UI on the demo's store (then http://127.0.0.1:5000):"
+          f"\n  {ui_command(db)}", file=sys.stderr)
     return {"trained": trained, "versions": versions, "evaluations": results, "store": str(db)}

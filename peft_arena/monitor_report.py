@@ -56,8 +56,16 @@ def plot_domain(domain: str, runs: pd.DataFrame, histories: dict):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(CURVES), figsize=(5.2 * len(CURVES), 4.0), squeeze=False)
-    for i, (_, r) in enumerate(runs.iterrows()):
-        color = f"C{i % 10}"
+    from peft_arena.plotting.style import method_color
+
+    seen: dict[tuple, int] = {}
+    for _, r in runs.iterrows():
+        # the method's arena colour; SFT solid, GRPO dashed; a repeated (method, train) gets another marker
+        color = method_color(r.get("tags.arena.method"))
+        kind = (r.get("tags.arena.method"), r.get("tags.arena.train"))
+        repeat = seen[kind] = seen.get(kind, -1) + 1
+        style = {"linestyle": "--" if r.get("tags.arena.train") == "grpo" else "-",
+                 "marker": "osD^vP*X"[repeat % 8]}
         label = f"{_label(r)} · {r.get('tags.arena.base_model')}"
         stopped = str(r.get("tags.arena.monitor.stopped_early")).lower() == "true"
         selected = r.get("tags.arena.monitor.selected_step")
@@ -65,7 +73,7 @@ def plot_domain(domain: str, runs: pd.DataFrame, histories: dict):
             pts = histories[r["run_id"]].get(key) or []
             if not pts:
                 continue
-            ax.plot([s for s, _ in pts], [v for _, v in pts], marker="o", markersize=3, color=color,
+            ax.plot([s for s, _ in pts], [v for _, v in pts], markersize=3, color=color, **style,
                     label=label + (" (stopped by budget)" if stopped else ""))
             if isinstance(selected, str) and selected.isdigit():
                 for s, v in pts:

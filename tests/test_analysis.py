@@ -155,13 +155,30 @@ def test_plot_pareto_marks_base_and_front(arena):
 
     df = analysis.leaderboard(EXPERIMENT)
     fig = analysis.plot_pareto(df, analysis.base_points(EXPERIMENT))
-    titles = sorted(ax.get_title() for ax in fig.axes)
+    titles = sorted(ax.get_title().replace(" · all SFT", "") for ax in fig.axes)
     assert titles == ["math · tiny · eval k1\nsuite-k1", "math · tiny · eval k2\nsuite-k2", "med · tiny · eval k1\nsuite-k1"]
     math_ax = next(ax for ax in fig.axes if ax.get_title().startswith("math · tiny · eval k1"))
     labels = math_ax.get_legend_handles_labels()[1]
     assert "Pareto front" in labels and "base model" in labels
     front_line = next(line for line in math_ax.get_lines() if line.get_label() == "Pareto front")
     assert list(front_line.get_xdata()) == [40.0, 49.0, 50.5]
+    # the legend: one entry per method in the method's arena colour, the front drawn as a line, no training-kind
+    # entry (a grey "sft" dot reads as a third series) when the panel has one kind (said in the title instead)
+    from peft_arena.plotting.style import method_color
+
+    legend = {h.get_label(): h for h in math_ax.get_legend().legend_handles}
+    math = df[(df["domain"] == "math") & (df["eval_key"] == "k1")].dropna(subset=["general", "target"])
+    methods, trains = sorted(set(math["method"])), sorted(set(math["train"]))
+    kinds = [t.upper() for t in trains] if len(trains) > 1 else []
+    assert list(legend) == [*methods, *kinds, "Pareto front", "base model"]
+    assert all(legend[m].get_color() == method_color(m) for m in methods)
+    assert all(legend[k].get_markerfacecolor() == "none" for k in kinds)  # hollow: a shape, not a series
+    assert legend["Pareto front"].get_linestyle() == "-"
+    med_ax = next(ax for ax in fig.axes if ax.get_title().startswith("med"))
+    med_trains = set(df[df["domain"] == "med"]["train"])
+    if len(med_trains) == 1:
+        med_legend = [h.get_label() for h in med_ax.get_legend().legend_handles]
+        assert not {t.upper() for t in med_trains} & set(med_legend) and "· all SFT" in med_ax.get_title()
     plt.close(fig)
 
 

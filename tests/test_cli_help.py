@@ -65,3 +65,12 @@ def test_demo_suite_carries_small_limits_on_cpu_only():
     assert size_for_device(gpu, cuda=True) is None and gpu.limit == 0
     other = EvalConfig(suite="math")
     assert size_for_device(other, cuda=False) is None and other.limit == 0 and other.max_new_tokens == 0
+
+
+def test_method_labels_name_the_method():
+    from peft_arena.plotting.style import METHOD_COLORS, method_color, method_label
+
+    assert method_label("oft", "b32") == "oft b32" and method_label("lora", "lora") == "lora"
+    assert method_label("oft", "oft b32") == "oft b32" and method_label("vera", None) == "vera"
+    assert len(set(METHOD_COLORS.values())) == len(METHOD_COLORS)  # one colour per method
+    assert method_color("my-method") == method_color("my-method") and method_color("my-method") != "grey"

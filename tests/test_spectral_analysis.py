@@ -139,5 +139,15 @@ def test_analyze_dense_full_model_and_plots(tiny, tmp_path):
     for key, fig in figs.items():
         fig.savefig(tmp_path / f"{key}.png")
         assert (tmp_path / f"{key}.png").stat().st_size > 10_000
+    # series are named by method and configuration ("oft b16", never a bare "b16"), in the method's arena colour
+    from peft_arena.plotting.style import method_color
+
+    oft_curve = figs["grid"].axes[1].get_lines()[0]
+    assert oft_curve.get_color() == method_color("oft")
+    assert figs["curves"].axes[0].get_legend().get_texts()[0].get_text() == "full"
+    label = json.loads((tmp_path / "out_oft" / "spectral_summary.json").read_text())["label"]
+    assert figs["dist"]._suptitle.get_text() == (label if label.startswith("oft") else f"oft {label}")
+    ticks = figs["dist"].axes[0].get_xticklabels()  # readable: horizontal, the module's own name
+    assert [t.get_rotation() for t in ticks] == [0.0] * len(ticks) and "o_proj" in [t.get_text() for t in ticks]
     labels = [ax.get_ylabel() for ax in figs["curves"].axes]
     assert any("/ σ_1" in lab for lab in labels) and any("Σ_j" in lab for lab in labels)

@@ -19,6 +19,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 
+from peft_arena.plotting.style import method_color, method_label  # noqa: E402
+
 plt.rcParams["text.usetex"] = False
 
 
@@ -58,9 +60,31 @@ def _profiles(out_dir: str | Path, name: str) -> dict[str, np.ndarray]:
     raise KeyError(f"{name} was not analysed in {out_dir}")
 
 
-def _label(out_dir: str | Path) -> str:
+def _summary(out_dir: str | Path) -> dict:
     f = Path(out_dir) / "spectral_summary.json"
-    return json.loads(f.read_text()).get("label", Path(out_dir).name) if f.exists() else Path(out_dir).name
+    return json.loads(f.read_text()) if f.exists() else {}
+
+
+def _label(out_dir: str | Path) -> str:
+    """``oft b32``: the method and its configuration label (a label alone, ``b32``, names nothing)."""
+    summary = _summary(out_dir)
+    if not summary.get("method") and not summary.get("label"):
+        return Path(out_dir).name
+    return method_label(summary.get("method"), summary.get("label"))
+
+
+def _color(out_dir: str | Path) -> str:
+    return method_color(_summary(out_dir).get("method"))
+
+
+def _module_ticks(ax, modules: list[str], positions) -> None:
+    """Module types as horizontal ticks: the last name part (``down_proj``), the parent in the axis label."""
+    short = [m.rsplit(".", 1)[-1] for m in modules]
+    if len(set(short)) < len(short):  # two parents with the same leaf name: keep the full names, two lines
+        short = [m.replace(".", "\n") for m in modules]
+    ax.set_xticks(list(positions), short, rotation=0, fontsize=8)
+    parents = sorted({m.rsplit(".", 1)[0] for m in modules if "." in m})
+    ax.set_xlabel("module type" + (f" (in {', '.join(parents)})" if parents else ""), fontsize=8)
 
 
 def _curves(ax_ret, ax_ad, prof: dict[str, np.ndarray], label: str | None, color=None, reference: bool = True):
@@ -91,7 +115,7 @@ def plot_layer_curves(out_dir: str | Path, layer_names: list[str], log: bool = T
     fig, axes = plt.subplots(len(layer_names), 2, figsize=(11, 3.6 * len(layer_names)), squeeze=False)
     for row, name in enumerate(layer_names):
         prof = _profiles(out_dir, name)
-        _curves(axes[row, 0], axes[row, 1], prof, _label(out_dir))
+        _curves(axes[row, 0], axes[row, 1], prof, _label(out_dir), color=_color(out_dir))
         _style(axes[row, 0], axes[row, 1], log)
         axes[row, 0].set_title(f"retention profile: {name}", fontsize=9)
         axes[row, 1].set_title(f"adaptation profile: {name}", fontsize=9)
@@ -130,20 +154,26 @@ def plot_distributions(out_dir: str | Path):
         s = prof["E_delta"].sum()
         ad[e["module"]].append(prof["E_delta"] / s if s > 0 else prof["E_delta"])
         intr[e["module"]].append(e["summary"]["intruders"])
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
     for ax, data, ylabel in (
         (axes[0], ret, "log10 of |u_iᵀ W_ft v_i − σ_i| / σ_1"),
         (axes[1], ad, "log10 of ‖ΔW v_i‖ / Σ_j ‖ΔW v_j‖"),
     ):
         values = [np.log10(np.concatenate(data[m]) + 1e-30) for m in modules]
-        ax.violinplot(values, showmedians=True)
-        ax.set_xticks(range(1, len(modules) + 1), modules, rotation=45, ha="right", fontsize=7)
+        parts = ax.violinplot(values, showmedians=True)
+        for body in parts["bodies"]:
+            body.set_facecolor(_color(out_dir))
+        for key in ("cmedians", "cmins", "cmaxes", "cbars"):
+            if key in parts:
+                parts[key].set_color("black")
+                parts[key].set_linewidth(0.8)
+        _module_ticks(ax, modules, range(1, len(modules) + 1))
         ax.set_ylabel(ylabel)
     axes[0].set_title("retention, all indices and layers", fontsize=9)
     axes[1].set_title("adaptation, all indices and layers", fontsize=9)
     means = [float(np.mean(intr[m])) for m in modules]
-    axes[2].bar(range(len(modules)), means)
-    axes[2].set_xticks(range(len(modules)), modules, rotation=45, ha="right", fontsize=7)
+    axes[2].bar(range(len(modules)), means, color=_color(out_dir))
+    _module_ticks(axes[2], modules, range(len(modules)))
     axes[2].set_ylim(0, max(1.0, 1.15 * max(means, default=0.0)))
     if not any(means):  # an empty-looking panel would read as a plotting failure
         axes[2].text(0.5, 0.5, "no intruder dimensions in any matrix", transform=axes[2].transAxes,
@@ -165,7 +195,7 @@ def plot_method_grid(runs: list[tuple[str, str]], layer_name: str, log: bool = T
     for i, (label, out_dir) in enumerate(runs):
         r, c = divmod(i, cols)
         ax_ret, ax_ad = axes[2 * r, c], axes[2 * r + 1, c]
-        _curves(ax_ret, ax_ad, _profiles(out_dir, layer_name), label, color=f"C{i % 10}")
+        _curves(ax_ret, ax_ad, _profiles(out_dir, layer_name), label, color=_color(out_dir))
         _style(ax_ret, ax_ad, log)
         ax_ret.set_title(label, fontsize=9)
         for ax in (ax_ret, ax_ad):

@@ -1,0 +1,1 @@
+"""Shared look of every figure the arena draws (one method-colour legend for all plots)."""
