@@ -113,6 +113,11 @@ def main() -> int:
             print(f"{target}  ({base}{fragment})")
     finally:
         os.killpg(ui.pid, signal.SIGTERM)  # the UI and the server workers it started, nothing else
+        time.sleep(10)
+        try:
+            os.killpg(ui.pid, signal.SIGKILL)  # what did not stop on SIGTERM (the mlflow process outlives make)
+        except ProcessLookupError:
+            pass
         ui.wait(timeout=30)
     return 0
 
