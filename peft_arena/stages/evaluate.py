@@ -70,8 +70,8 @@ def size_for_device(cfg: EvalConfig, cuda: bool | None = None) -> str | None:
     if not cut:
         return None
     return ("[peft-arena] no GPU: the demo suite runs with its CPU limits "
-            f"({', '.join(f'{k}={v}' for k, v in cut.items())}) instead of each benchmark's protocol; these "
-            "scores are a subset (smoke check), not benchmark scores. Set limit/n_samples/max_new_tokens to "
+            f"({', '.join(f'{k}={v}' for k, v in cut.items())}) instead of each benchmark's protocol; the run is "
+            "provisional (a smoke check, not benchmark scores). Set limit/n_samples/max_new_tokens to "
             "choose other sizes.")
 
 
