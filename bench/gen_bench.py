@@ -54,7 +54,7 @@ def build(args):
     torch.manual_seed(0)
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     with torch.device(args.device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
     model.eval()
     rows = [json.loads(line)["prompt"] for line in
             (ROOT / "peft_arena/data/samples/math-sample.jsonl").read_text().splitlines() if line.strip()]

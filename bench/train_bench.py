@@ -74,7 +74,7 @@ def build_random(base: str, device: str, dtype):
     cfg = base_config(base)
     torch.manual_seed(0)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, trust_remote_code=False)
     return model
 
 
@@ -519,7 +519,7 @@ def _register_tiny_config() -> None:
         if name == "tiny-config":
             from transformers import AutoConfig
 
-            return AutoConfig.from_pretrained(str(models.ensure_tiny()))
+            return AutoConfig.from_pretrained(str(models.ensure_tiny()), trust_remote_code=False)
         return original(name)
 
     models.base_config = base_config

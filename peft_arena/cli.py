@@ -131,6 +131,9 @@ def _add_stage_parser(sub, stage: str, listings: bool) -> None:
                        help=f"{docs.get(f.name, '')} (default: {default!r})".replace("%", "%%"))
     if stage in ("train_sft", "train_grpo"):
         p.add_argument("--method", dest="adapter", default=argparse.SUPPRESS, help="alias of --adapter")
+        p.add_argument("--resume", default="", metavar="RUN_ID",
+                       help="continue this killed or failed training run from its last checkpoint, in the same "
+                            "MLflow run, with the run's own settings (give the same ones again, or none)")
     p.add_argument("--config", default="", help="recipe YAML with the same keys (overridden by flags)")
     p.add_argument("--set", default="", help='dotted overrides, e.g. "lr=1e-4 method.r=16 grpo.beta=0.04"')
     p.add_argument("--json", action="store_true", help="print the stage's result as JSON")
@@ -155,11 +158,13 @@ def _stage_runner(stage: str) -> Callable:
     return fn
 
 
-def run_stage(stage: str, recipe: str | None, overrides: dict, argv: list[str] | None = None) -> dict:
+def run_stage(stage: str, recipe: str | None, overrides: dict, argv: list[str] | None = None,
+              resume: str = "") -> dict:
     """Resume/start the stage's MLflow run, build and validate its config inside it, run the stage.
 
     Training with ``num_processes > 1`` starts itself again under ``accelerate launch`` (``argv``: the verb's
     arguments, for the workers); in the workers rank 0 logs into the shared run and the others log nothing.
+    ``resume``: a training run to continue (``--resume RUN_ID``) instead of starting a new one (one process).
     """
     from peft_arena.tracking.runs import arena_run
     from peft_arena.training import distributed
@@ -167,7 +172,7 @@ def run_stage(stage: str, recipe: str | None, overrides: dict, argv: list[str] |
     if stage in ("train_sft", "train_grpo"):
         if distributed.is_worker() and not distributed.is_main_process():
             return _run_off_main(stage, recipe, overrides)
-        if not distributed.is_worker() and _num_processes(stage, recipe, overrides) > 1:
+        if not distributed.is_worker() and not resume and _num_processes(stage, recipe, overrides) > 1:
             return _launch(stage, recipe, overrides, argv or [])
 
     if stage == "arena" and not os.environ.get("MLFLOW_RUN_ID"):
@@ -176,8 +181,13 @@ def run_stage(stage: str, recipe: str | None, overrides: dict, argv: list[str] |
             from peft_arena.stages.arena import dry_run
 
             return {"run_id": None, **dry_run(cfg)}
-    with arena_run(stage) as tracker:
+    with arena_run(stage, resume=resume) as tracker:
+        if resume and not recipe and not overrides:  # `--resume ID` alone: the run's own settings
+            overrides = {k[4:]: v for k, v in tracker.logged_params().items() if k.startswith("cfg.")}
         cfg = build_config(stage, recipe, overrides)
+        if resume and getattr(cfg, "num_processes", 1) > 1:
+            raise ConfigError("--resume continues single-process trainings only; a run with num_processes > 1 "
+                              "cannot be resumed yet: start it again")
         result = _stage_runner(stage)(cfg, tracker)
         return {"run_id": tracker.run_id, **(result or {})}
 
@@ -233,16 +243,16 @@ def _run_off_main(stage: str, recipe: str | None, overrides: dict) -> dict:
 def _cmd_stage(args, extra: list[str], argv: list[str] | None = None) -> int:
     _doctor_sweep()
     overrides = {k: v for k, v in vars(args).items()
-                 if k not in ("stage", "config", "set", "json", "command")}
+                 if k not in ("stage", "config", "set", "json", "command", "resume")}
     overrides.update(parse_assignments(args.set))
     overrides.update(pairs_to_overrides(extra))
     # mlflow run passes every declared parameter; an empty string means "use the config default".
     overrides = {k: v for k, v in overrides.items() if v != ""}
     if args.json:  # stdout carries only the JSON; what the stage prints for people goes to stderr
         with contextlib.redirect_stdout(sys.stderr):
-            result = run_stage(args.stage, args.config or None, overrides, argv)
+            result = run_stage(args.stage, args.config or None, overrides, argv, getattr(args, "resume", ""))
     else:
-        result = run_stage(args.stage, args.config or None, overrides, argv)
+        result = run_stage(args.stage, args.config or None, overrides, argv, getattr(args, "resume", ""))
     if args.json:
         print(json.dumps(result, indent=2, default=str))
     elif result.get("run_id") and os.environ.get("RANK", "0") == "0":  # one line per job, not per process

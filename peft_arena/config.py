@@ -12,6 +12,8 @@ A stage config is a dataclass. It is built from, in order of precedence (last wi
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import shlex
 import types
 import typing
@@ -60,6 +62,9 @@ class SFTConfig:
     padding_free: str = "auto"  # pack each micro-batch, position ids reset per example: auto = on with flash/flex attention
     liger: str = "auto"  # Liger RMSNorm/SwiGLU/RoPE kernels: auto = when installed and on a GPU | on | off
     compile: str = "auto"  # torch.compile each decoder layer: on | off | auto (= off)
+    save_steps: int = -1  # checkpoint every N steps (resume); -1 = auto: none under 50 steps, else every 5 %; 0 = never
+    divergence_factor: float = 4.0  # fail when the loss stays above this × its running minimum (README: guards)
+    divergence_patience: int = 3  # for this many consecutive logged steps (a NaN/inf loss or grad fails at once)
     output_dir: str = ".arena/outputs"  # local working folder; the adapter is logged to MLflow
     run_name: str = ""  # empty = descriptive name (sft-lora-r8-math-smollm2-135m)
     recipe: str = ""  # preset name (recipes/*.yaml set it): tagged arena.recipe and appended to the run name
@@ -85,6 +90,7 @@ class GRPOStageConfig:
     monitor_size: int = 16  # items per monitor probe set (general text, general choice, held-out target)
     num_processes: int = 1  # > 1: accelerate launch with this many processes (GPUs); rank 0 logs
     distributed: str = "ddp"  # with num_processes > 1: ddp | fsdp (FSDP2) | deepspeed (ZeRO-3) | accelerate YAML
+    save_steps: int = -1  # checkpoint every N steps (resume); -1 = auto: none under 50 steps, else every 5 %; 0 = never
     output_dir: str = ".arena/outputs"  # local working folder; the adapter is logged to MLflow
     run_name: str = ""  # empty = descriptive name (grpo-lora-r8a16-math-smollm2-135m)
     recipe: str = ""  # preset name (recipes/*.yaml set it): tagged arena.recipe and appended to the run name
@@ -269,8 +275,10 @@ def _instantiate(cls, values: dict[str, Any]):
         if key not in names or key in _PREFIX_FIELDS.values():
             valid = ", ".join(sorted(n for n in names if n not in _PREFIX_FIELDS.values()))
             raise ConfigError(f"unknown {cls.__name__} key {key!r}; valid keys: {valid}")
-        kwargs[key] = _coerce(key, value, hints[key])
-    return cls(**kwargs)
+        kwargs[key] = coerce(key, value, hints[key])
+    cfg = cls(**kwargs)
+    validate(cfg)
+    return cfg
 
 
 def _yaml_scalar(value: Any) -> Any:
@@ -294,14 +302,22 @@ def _looks_float(text: str) -> bool:
         return False
 
 
-def _coerce(key: str, value: Any, hint: Any) -> Any:
+def coerce(key: str, value: Any, hint: Any) -> Any:
+    """The one value coercer: a recipe/override value (often a string) to the field's type, or ConfigError.
+
+    ``"16"`` → 16 for an int, ``"1e-4"`` → 1e-4 and ``1`` → 1.0 for a float, ``"yes"/"false"`` for a bool, and
+    ``""``/``"none"``/``"null"`` → None for an optional field.
+    """
     if hint is dict or typing.get_origin(hint) is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key} must be a mapping")
         return value
     target = hint if isinstance(hint, type) else None
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+    optional = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+    if optional:
         target = next(a for a in typing.get_args(hint) if a is not type(None))
+        if isinstance(value, str) and value.strip().lower() in ("", "none", "null"):
+            return None
     if value is None or target is None or (type(value) is target):
         return value
     try:
@@ -311,16 +327,98 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
                 raise ValueError
             return text in {"true", "1", "yes"}
         if target is int:
-            if isinstance(value, float) and not value.is_integer():
+            if isinstance(value, bool):
                 raise ValueError
-            return int(str(value).strip()) if isinstance(value, str) else int(value)
+            number = float(value.strip()) if isinstance(value, str) else value
+            if isinstance(number, float) and not number.is_integer():
+                raise ValueError
+            return int(number)
         if target is float:
+            if isinstance(value, bool):
+                raise ValueError
             return float(value)
         if target is str:
-            return "" if value is None else str(value)
-    except (TypeError, ValueError):
+            return str(value)
+    except (TypeError, ValueError, OverflowError):
         raise ConfigError(f"{key} must be {target.__name__}, got {value!r}") from None
     return value
+
+
+# The allowed values of every numeric setting (and the paths that must exist), checked as soon as a config is
+# built, before anything is loaded. A rule is an interval ("[1,inf)": at least 1; "(0,inf)": greater than 0;
+# "[0,1)": from 0 up to, not including, 1) or "dir" (when given, an existing folder). Non-finite numbers never
+# pass. Keyed by class name, so the GRPO recipe of training/grpo.py is checked by the same table.
+_SEED = "[0,4294967295]"  # numpy's seed range (HF set_seed seeds numpy too)
+RULES: dict[str, dict[str, str]] = {
+    "SFTConfig": {
+        "limit": "[0,inf)", "max_length": "[1,inf)", "epochs": "(0,inf)", "max_steps": "[-1,inf)",
+        "batch_size": "[1,inf)", "grad_accum": "[1,inf)", "lr": "[0,inf)", "warmup_ratio": "[0,1)",
+        "weight_decay": "[0,inf)", "adam_beta2": "[0,1)", "max_grad_norm": "(0,inf)", "seed": _SEED,
+        "logging_steps": "[1,inf)", "save_steps": "[-1,inf)", "divergence_factor": "(1,inf)",
+        "divergence_patience": "[1,inf)", "monitor_every": "[0,inf)", "forgetting_budget": "[0,inf)",
+        "monitor_size": "[1,inf)",
+    },
+    "GRPOStageConfig": {
+        "limit": "[0,inf)", "max_steps": "[1,inf)", "lr": "[0,inf)", "seed": _SEED, "save_steps": "[-1,inf)",
+        "monitor_every": "[0,inf)", "forgetting_budget": "[0,inf)", "monitor_size": "[1,inf)",
+    },
+    "ArenaConfig": {"parallel": "[0,inf)", "monitor_every": "[0,inf)"},
+    "EvalConfig": {
+        "limit": "[0,inf)", "n_samples": "[0,inf)", "max_new_tokens": "[0,inf)", "batch_size": "[0,inf)",
+        "max_batch_tokens": "[0,inf)", "max_model_len": "[1,inf)", "tensor_parallel_size": "[1,inf)",
+        "gpu_memory_utilization": "(0,1]", "seed": _SEED, "data_dir": "dir",
+    },
+    "SpectralConfig": {"window": "[1,inf)", "top_k": "[1,inf)"},
+    "GRPORecipe": {
+        "num_generations": "[2,inf)", "prompts_per_generation": "[1,inf)", "updates_per_generation": "[1,inf)",
+        "grad_accum": "[1,inf)", "max_steps": "[1,inf)", "learning_rate": "(0,inf)", "weight_decay": "[0,inf)",
+        "max_grad_norm": "(0,inf)", "epsilon": "(0,1)", "epsilon_high": "(0,inf)", "delta": "(1,inf)",
+        "beta": "[0,inf)", "temperature": "(0,inf)", "top_p": "(0,1]", "max_completion_length": "[1,inf)",
+        "max_prompt_length": "[1,inf)", "format_reward_weight": "[0,inf)", "log_completions_every": "[0,inf)",
+        "completions_table_rows": "[1,inf)", "logging_steps": "[1,inf)", "seed": _SEED,
+        "vllm_gpu_memory_utilization": "(0,1]",
+    },
+}
+
+_INTERVAL = re.compile(r"^([\[(])(-?inf|-?[\d.]+),(-?inf|-?[\d.]+)([\])])$")
+
+
+def check_value(key: str, value: Any, rule: str) -> None:
+    """Raise ConfigError (one line) when ``value`` breaks ``rule`` (see RULES); None always passes."""
+    if value is None:
+        return
+    if rule == "dir":
+        if value and not Path(str(value)).expanduser().is_dir():
+            raise ConfigError(f"{key} {value!r} is not an existing folder")
+        return
+    low_side, low, high, high_side = _INTERVAL.match(rule).groups()
+    lo, hi = float(low), float(high)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key} must be a number, got {value!r}") from None
+    ok = (math.isfinite(number) and (number >= lo if low_side == "[" else number > lo)
+          and (number <= hi if high_side == "]" else number < hi))
+    if ok:
+        return
+    text = {v: f"{v:g}" for v in (lo, hi)}
+    if not math.isfinite(number):
+        raise ConfigError(f"{key} must be a finite number, got {value!r}")
+    if hi == math.inf:
+        bound = f"at least {text[lo]}" if low_side == "[" else f"greater than {text[lo]}"
+    else:
+        bound = f"in {low_side}{text[lo]}, {text[hi]}{high_side}"
+    raise ConfigError(f"{key} must be {bound}, got {value!r}")
+
+
+def validate(obj, prefix: str = "") -> None:
+    """Check every field of a config (or the GRPO recipe) that RULES names; ``prefix`` names it (``grpo.``)."""
+    for name, rule in RULES.get(type(obj).__name__, {}).items():
+        check_value(prefix + name, getattr(obj, name), rule)
+    grpo_options = getattr(obj, "grpo_options", None) or {}  # checked again, typed, when the recipe is built
+    for name, value in grpo_options.items():
+        if name in RULES["GRPORecipe"] and not isinstance(value, bool):
+            check_value(f"grpo.{name}", value, RULES["GRPORecipe"][name])
 
 
 def config_params(cfg) -> dict[str, Any]:

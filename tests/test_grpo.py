@@ -62,7 +62,7 @@ def test_recipe_coerces_override_strings_and_validates():
         GRPORecipe(prompts_per_generation=1, num_generations=3, updates_per_generation=2)
     with pytest.raises(ValueError, match="use_vllm"):
         GRPORecipe(use_vllm="maybe")
-    with pytest.raises(ValueError, match="not a valid float"):
+    with pytest.raises(ValueError, match="grpo.beta must be float"):
         GRPORecipe(beta="lots")
     with pytest.raises(ValueError, match="at least 2"):
         GRPORecipe(num_generations=1)

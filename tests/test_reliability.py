@@ -63,7 +63,302 @@ def test_unknown_method_is_refused_with_a_failed_run(mlflow_store):
     assert "no-such-method" in run.data.tags["arena.error"]
 
 
+_BAD_SETTINGS = [
+    ("train_sft", {"batch_size": "0"}, "batch_size must be at least 1, got 0"),
+    ("train_sft", {"grad_accum": "0"}, "grad_accum must be at least 1, got 0"),
+    ("train_sft", {"epochs": "-1"}, "epochs must be greater than 0, got -1.0"),
+    ("train_sft", {"warmup_ratio": "5"}, r"warmup_ratio must be in \[0, 1\), got 5.0"),
+    ("train_sft", {"lr": "-1e-4"}, "lr must be at least 0, got -0.0001"),
+    ("train_sft", {"lr": "nan"}, "lr must be a finite number, got nan"),
+    ("train_sft", {"max_grad_norm": "0"}, "max_grad_norm must be greater than 0"),
+    ("train_sft", {"save_steps": "-2"}, "save_steps must be at least -1"),
+    ("train_sft", {"seed": "-1"}, r"seed must be in \[0, 4.29497e\+09\], got -1"),
+    ("train_grpo", {"max_steps": "0"}, "max_steps must be at least 1, got 0"),
+    ("train_grpo", {"grpo.num_generations": "1"}, "grpo.num_generations must be at least 2, got 1"),
+    ("train_grpo", {"grpo.temperature": "0"}, "grpo.temperature must be greater than 0"),
+    ("train_grpo", {"grpo.top_p": "1.5"}, r"grpo.top_p must be in \(0, 1\]"),
+    ("evaluate", {"limit": "-1"}, "limit must be at least 0, got -1"),
+    ("evaluate", {"batch_size": "-1"}, "batch_size must be at least 0, got -1"),  # 0 = auto
+    ("evaluate", {"gpu_memory_utilization": "1.5"}, r"gpu_memory_utilization must be in \(0, 1\]"),
+    ("evaluate", {"data_dir": "/no/such/folder"}, "data_dir '/no/such/folder' is not an existing folder"),
+    ("spectral", {"model_uri": "tiny", "top_k": "0"}, "top_k must be at least 1"),
+]
+
+
+@probe("inputs", "numeric setting out of range / missing data_dir")
+@pytest.mark.parametrize("stage, overrides, message", _BAD_SETTINGS,
+                         ids=[f"{s}-{next(iter(o))}={next(iter(o.values()))}" for s, o, _ in _BAD_SETTINGS])
+def test_bad_settings_are_refused_up_front_with_one_line(stage, overrides, message):
+    """config.RULES, checked as the config is built: before any model or data is loaded, in one line."""
+    from peft_arena.config import ConfigError, build_config
+
+    with pytest.raises(ConfigError, match=message) as err:
+        build_config(stage, None, {"base_model": "tiny", **overrides})
+    assert "\n" not in str(err.value)
+
+
+@probe("inputs", "batch_size=0 / evaluate limit=-1 through the stage: FAILED run, nothing loaded")
+@pytest.mark.parametrize("stage, overrides, message", [
+    ("train_sft", {"batch_size": "0", "base_model": "tiny"}, "batch_size must be at least 1, got 0"),
+    ("evaluate", {"limit": "-1", "model_uri": "tiny"}, "limit must be at least 0, got -1"),
+])
+def test_bad_setting_ends_the_run_failed_with_the_reason(mlflow_store, stage, overrides, message):
+    run = _failed_stage(stage, overrides, message)
+    assert run.data.tags["arena.error"].startswith("ConfigError: ")
+    assert message in run.data.tags["arena.error"] and "\n" not in run.data.tags["arena.error"]
+
+
+@probe("inputs", "PEFT_ARENA_DATA_DIR naming a missing folder")
+def test_missing_data_dir_from_the_environment_is_refused(monkeypatch):
+    from peft_arena.evaluation.data import BenchmarkDataError, local_copy
+
+    monkeypatch.setenv("PEFT_ARENA_DATA_DIR", "/no/such/folder")
+    with pytest.raises(BenchmarkDataError, match=r"\$PEFT_ARENA_DATA_DIR /no/such/folder is not an existing folder"):
+        local_copy("math/math500.jsonl", None, None)
+
+
+@probe("inputs", "model or tokenizer with remote code")
+def test_models_and_tokenizers_load_with_trust_remote_code_false(monkeypatch, tiny_source):
+    """Every loader passes trust_remote_code=False: transformers then refuses remote code instead of prompting."""
+    import transformers
+
+    from peft_arena import models
+    from peft_arena.methods import ops
+
+    seen = []
+    for cls_name, method in (("AutoTokenizer", "from_pretrained"), ("AutoModelForCausalLM", "from_pretrained"),
+                             ("AutoConfig", "from_pretrained"), ("AutoModelForCausalLM", "from_config")):
+        cls = getattr(transformers, cls_name)
+
+        def wrapped(*args, _real=getattr(cls, method), _name=cls_name, **kwargs):
+            seen.append((_name, kwargs.get("trust_remote_code", "unset")))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(cls, method, wrapped)
+    models.load_tokenizer(tiny_source)
+    models.load_model(tiny_source)
+    models.base_config(tiny_source)
+    ops.count_params(tiny_source, "lora", {})
+    assert {name for name, _ in seen} == {"AutoTokenizer", "AutoModelForCausalLM", "AutoConfig"}
+    assert all(flag is False for _, flag in seen), seen
+
+
 # ================================================================================================ training
+
+
+# The training probes train the tiny model for a few steps; resume is checked bit for bit against an uninterrupted
+# run with the same seed (adapter tensors) and on MLflow's metric history (one point per step, same values).
+_SFT = {"base_model": "tiny", "limit": "16", "batch_size": "2", "max_steps": "8", "save_steps": "2"}
+_REPO = Path(__file__).resolve().parent.parent
+
+
+def _adapter(run_id: str) -> dict:
+    import mlflow
+    from safetensors.torch import load_file
+
+    folder = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="adapter"))
+    return load_file(folder / "adapter_model.safetensors")
+
+
+def _history(run_id: str, key: str) -> list[tuple[int, float]]:
+    import mlflow
+
+    return sorted((m.step, m.value) for m in mlflow.MlflowClient().get_metric_history(run_id, key))
+
+
+def _assert_same_training(resumed: str, reference: str, keys: tuple[str, ...], steps: int) -> None:
+    a, b = _adapter(resumed), _adapter(reference)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch_equal(a[name], b[name]), f"{name} differs after resume"
+    for key in keys:
+        got = _history(resumed, key)
+        assert [s for s, _ in got] == list(range(1, steps + 1)), f"{key}: steps {[s for s, _ in got]}"
+        assert got == _history(reference, key), f"{key}: values differ from the uninterrupted run"
+
+
+def torch_equal(x, y) -> bool:
+    import torch
+
+    return bool(torch.equal(x, y))
+
+
+def _subprocess_env(store: str) -> dict:
+    env = dict(os.environ, MLFLOW_TRACKING_URI=store, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(_REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    env.pop("MLFLOW_RUN_ID", None)
+    return env
+
+
+def _kill_after(cmd: list[str], store: str, metric: str, step: int, checkpoint: int, timeout: float = 400) -> str:
+    """Start a training, kill -9 it once ``metric`` reached ``step`` and checkpoint ``checkpoint`` exists."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    proc = subprocess.Popen(cmd, env=_subprocess_env(store), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                pytest.fail(f"training ended (rc {proc.returncode}) before it could be killed: "
+                            f"{proc.stderr.read().decode()[-2000:]}")
+            for run in client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                          "attributes.status = 'RUNNING'"):
+                done = int(run.data.tags.get("arena.checkpoint_step", 0))
+                if done >= checkpoint and max((s for s, _ in _history(run.info.run_id, metric)), default=0) >= step:
+                    os.kill(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                    return run.info.run_id
+            time.sleep(0.05)
+        pytest.fail("training was not killed in time")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@probe("training", "kill -9 mid-SFT, then mlflow run -P resume=<run_id>")
+def test_sft_killed_then_resumed_by_mlflow_run_equals_an_uninterrupted_run(mlflow_store):
+    """A real kill -9 after checkpoint 2 and at least 3 logged steps; `mlflow run ... -P resume=ID` continues in the
+    same run from its last checkpoint: the adapter equals an uninterrupted run's, no metric point lost or doubled."""
+    import mlflow
+
+    from peft_arena.cli import run_stage
+
+    reference = run_stage("train_sft", None, dict(_SFT))["run_id"]
+    killed = _kill_after([sys.executable, "-m", "peft_arena.cli", "train-sft",
+                          *[a for k, v in _SFT.items() for a in (f"--{k}", v)]], mlflow_store, "loss", 3, 2)
+    client = mlflow.MlflowClient()
+    assert client.get_run(killed).info.status == "RUNNING"  # what the dead process left
+    cmd = [sys.executable, "-m", "mlflow", "run", str(_REPO), "-e", "train_sft", "--env-manager", "local",
+           "-P", f"resume={killed}", *[a for k, v in _SFT.items() for a in ("-P", f"{k}={v}")]]
+    proc = subprocess.run(cmd, env=_subprocess_env(mlflow_store), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = client.get_run(killed)
+    assert run.info.status == "FINISHED"
+    assert int(run.data.tags["arena.resumed_from_step"]) >= 2
+    _assert_same_training(killed, reference, ("loss", "grad_norm", "learning_rate"), 8)
+    for key in ("arena/trainable_params", "train/first_loss", "train/final_loss"):
+        assert len(_history(killed, key)) == 1, key
+    # the run mlflow run created for the resume holds nothing but the pointer, and no arena.stage
+    launchers = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                   f"tags.`arena.resumed_into` = '{killed}'")
+    assert len(launchers) == 1 and "arena.stage" not in launchers[0].data.tags
+    assert not launchers[0].data.metrics and not client.list_artifacts(launchers[0].info.run_id)
+    assert not list(Path(run.data.tags["arena.checkpoint_dir"]).glob("checkpoint-*"))  # pruned once finished
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+def _length_reward(crash_at: int | None):
+    """A reward with variance on the tiny model (its completions are never correct); optionally the process
+    'dies' inside the reward computation of the ``crash_at``-th generation round."""
+    calls = {"n": 0}
+
+    def correctness(completions, **kwargs):
+        calls["n"] += 1
+        if crash_at is not None and calls["n"] == crash_at:
+            raise _Crash(f"simulated crash in generation round {crash_at}")
+        return [len(str(c)) / 100.0 for c in completions]
+
+    return lambda domain: correctness
+
+
+@probe("training", "GRPO dies mid-run, then --resume RUN_ID")
+def test_grpo_crashed_then_resumed_equals_an_uninterrupted_run(mlflow_store, monkeypatch):
+    import mlflow
+
+    from peft_arena.cli import run_stage
+    from peft_arena.training import grpo
+
+    grpo_settings = {"base_model": "tiny", "limit": "4", "max_steps": "4", "save_steps": "2",
+                     "grpo.num_generations": "2", "grpo.prompts_per_generation": "1",
+                     "grpo.max_completion_length": "8", "grpo.log_completions_every": "0"}
+    monkeypatch.setattr(grpo, "correctness_reward", _length_reward(None))
+    reference = run_stage("train_grpo", None, dict(grpo_settings))["run_id"]
+    monkeypatch.setattr(grpo, "correctness_reward", _length_reward(4))  # dies in step 4: checkpoint 2, 3 logged
+    with pytest.raises(_Crash):
+        run_stage("train_grpo", None, dict(grpo_settings))
+    crashed = mlflow.search_runs(search_all_experiments=True, filter_string="attributes.status = 'FAILED'",
+                                 output_format="list")[0].info.run_id
+    assert [s for s, _ in _history(crashed, "train/reward")] == [1, 2, 3]
+    monkeypatch.setattr(grpo, "correctness_reward", _length_reward(None))
+    run_stage("train_grpo", None, {}, resume=crashed)  # `--resume ID` alone: the run's own settings
+    run = mlflow.MlflowClient().get_run(crashed)
+    assert run.info.status == "FINISHED" and run.data.tags["arena.resumed_from_step"] == "2"
+    assert "arena.error" not in run.data.tags and "simulated crash" in run.data.tags["arena.resumed_after_error"]
+    assert any(v.abs().max() > 0 for k, v in _adapter(crashed).items() if "lora_B" in k)  # it did learn something
+    _assert_same_training(crashed, reference, ("train/reward", "loss", "grad_norm"), 4)
+
+
+@probe("training", "resume of a finished, unknown or other-stage run, or with other settings")
+def test_resume_refuses_what_it_cannot_continue(mlflow_store):
+    import mlflow
+
+    from peft_arena.cli import run_stage
+    from peft_arena.config import ConfigError
+    from peft_arena.tracking.runs import ResumeError
+
+    client = mlflow.MlflowClient()
+    exp = client.create_experiment("resume-probe")
+
+    def fake_run(stage: str, status: str) -> str:
+        run = client.create_run(exp, tags={"arena.stage": stage})
+        client.log_param(run.info.run_id, "cfg.adapter", "oft")
+        if status != "RUNNING":
+            client.set_terminated(run.info.run_id, status)
+        return run.info.run_id
+
+    with pytest.raises(ResumeError, match="already FINISHED"):
+        run_stage("train_sft", None, {}, resume=fake_run("train_sft", "FINISHED"))
+    with pytest.raises(ResumeError, match="no such run"):
+        run_stage("train_sft", None, {}, resume="0123456789abcdef0123456789abcdef")
+    with pytest.raises(ResumeError, match="it is a run of stage evaluate"):
+        run_stage("train_sft", None, {}, resume=fake_run("evaluate", "FAILED"))
+    dead = fake_run("train_sft", "RUNNING")
+    with pytest.raises(ConfigError, match="has adapter='oft', not 'lora'"):
+        run_stage("train_sft", None, {"adapter": "lora", "base_model": "tiny"}, resume=dead)
+    assert client.get_run(dead).info.status == "FAILED"  # the refusal is recorded on the run itself
+
+
+@probe("training", "save_steps auto rule")
+def test_save_steps_auto_is_off_for_tiny_runs_and_every_5_percent_otherwise():
+    from peft_arena.training.checkpoints import resolve_save_steps
+
+    assert [resolve_save_steps(-1, n) for n in (4, 49, 50, 200, 1000, 5000)] == [0, 0, 10, 10, 50, 250]
+    assert resolve_save_steps(0, 1000) == 0 and resolve_save_steps(7, 10) == 7
+
+
+@probe("training", "NaN/inf loss or grad norm, loss diverging from its minimum")
+def test_divergence_rule():
+    from peft_arena.training.guards import DivergenceRule, TrainingDiverged
+
+    rule = DivergenceRule(factor=4.0, patience=3)
+    for step, loss in enumerate([3.0, 2.0, 9.0, 1.5, 7.0, 7.0], start=1):  # spikes that recover are fine
+        rule.check(step, {"loss": loss, "grad_norm": 1.0}, lr=1e-4)
+    with pytest.raises(TrainingDiverged, match="loss 7 stayed above 4 × its minimum 1.5 for 3 logged steps"):
+        rule.check(7, {"loss": 7.0}, lr=1e-4)
+    for logs in ({"loss": float("nan")}, {"grad_norm": float("inf")}, {"loss": 1.0, "grad_norm": float("nan")}):
+        with pytest.raises(TrainingDiverged, match="is (nan|inf)"):
+            DivergenceRule(4.0, 3).check(1, logs, lr=1e38)
+
+
+@probe("training", "lr=1e38 / lr=1e6 (SFT) and lr=1e6 (GRPO)")
+@pytest.mark.parametrize("stage, lr", [("train_sft", "1e38"), ("train_sft", "1e6"), ("train_grpo", "1e6")])
+def test_exploding_learning_rate_ends_failed_without_an_adapter(mlflow_store, stage, lr):
+    import mlflow
+
+    settings = ({"limit": "8", "batch_size": "2", "max_steps": "4"} if stage == "train_sft" else
+                {"limit": "4", "max_steps": "4", "grpo.num_generations": "2", "grpo.prompts_per_generation": "1",
+                 "grpo.max_completion_length": "8"})
+    run = _failed_stage(stage, {"base_model": "tiny", "lr": lr, **settings}, "training diverged")
+    assert run.data.tags["arena.error"].startswith("TrainingDiverged: training diverged")
+    assert "lower the learning rate" in run.data.tags["arena.error"]
+    assert not [a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "adapter")]
+    assert not (Path(".arena/outputs") / run.info.run_id / "adapter").exists()
 
 
 # ================================================================================================ runs

@@ -43,6 +43,10 @@ def local_copy(local_name: str | None, data_path: str | None, data_dir: str | No
             raise BenchmarkDataError(f"data_path {data_path} does not exist")
         return path
     root = data_dir or os.environ.get(DATA_DIR_ENV)
+    if root and not Path(root).expanduser().is_dir():
+        source = "data_dir" if data_dir else f"${DATA_DIR_ENV}"
+        raise BenchmarkDataError(f"{source} {root} is not an existing folder: point it at the benchmark files "
+                                 "or leave it empty")
     if root and local_name:
         path = Path(root).expanduser() / local_name
         if path.exists():

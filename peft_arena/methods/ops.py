@@ -52,7 +52,7 @@ def count_params(base: str, method: str, overrides: dict[str, Any] | None = None
     options = spec.resolve(overrides)
     config = base_config(base)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
         base_total = count_parameters(model)[1]
         embedding = _embedding_params(model)
         # total_steps only feeds AdaLoRA's schedule checks; any value large enough for the default ratios does.

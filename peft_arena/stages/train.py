@@ -43,9 +43,30 @@ def _prepare(cfg, stage: str, train: str, tracker):
     tags = {**_lineage(cfg, train, label, base), "arena.data": data, "mlflow.runName": name}
     if cfg.recipe:
         tags["arena.recipe"] = cfg.recipe
+    params = {f"cfg.{k}": v for k, v in config_params(cfg).items() if k not in _NOT_PARAMS}
+    out = Path(cfg.output_dir) / tracker.run_id
+    if getattr(tracker, "resuming", False):
+        out = _resumed_output(tracker, params, out)
     tracker.set_tags(tags)
-    tracker.log_params({f"cfg.{k}": v for k, v in config_params(cfg).items() if k not in _NOT_PARAMS})
-    return Path(cfg.output_dir) / tracker.run_id, base
+    tracker.log_params(params)
+    return out, base
+
+
+def _resumed_output(tracker, params: dict, default: Path) -> Path:
+    """A resumed run must get its own settings again (a different lr would not continue the same training);
+    its outputs and checkpoints stay where the first process put them."""
+    from peft_arena.training.checkpoints import CHECKPOINT_DIR_TAG
+
+    logged = {k: v for k, v in tracker.logged_params().items() if k.startswith("cfg.")}
+    given = {k: str(v)[:6000] for k, v in params.items()}
+    differ = sorted(k for k in set(logged) | set(given) if k in logged and logged[k] != given.get(k))
+    if differ:
+        key = differ[0]
+        raise ConfigError(f"--resume: run {tracker.run_id} has {key[4:]}={logged[key]!r}, not "
+                          f"{given.get(key, '(unset)')!r}: resume with the run's own settings (or none at all)"
+                          + (f"; {len(differ) - 1} more differ" if len(differ) > 1 else ""))
+    folder = tracker.run_tags().get(CHECKPOINT_DIR_TAG) if hasattr(tracker, "run_tags") else None
+    return Path(folder).parent if folder else default
 
 
 def _data_label(data: str) -> str:
@@ -57,7 +78,7 @@ def run_train_sft(cfg: SFTConfig, tracker) -> dict:
     from peft_arena.training.sft import train_sft
 
     out, _ = _prepare(cfg, "train_sft", "sft", tracker)
-    return _logged(train_sft(cfg, tracker, out), out, tracker)
+    return _logged(train_sft(cfg, tracker, out, resume=getattr(tracker, "resuming", False)), out, tracker)
 
 
 def _logged(result: dict, out: Path, tracker) -> dict:
@@ -88,4 +109,5 @@ def run_train_grpo(cfg: GRPOStageConfig, tracker) -> dict:
     records, monitor = attach_monitor(cfg, records, tracker, out, train="grpo", domain=cfg.domain,
                                       source=cfg.data or default_data(cfg.domain), seed=cfg.seed)
     return _logged(train_grpo(base.source, base.source, cfg.adapter, cfg.method_options, records, cfg.domain, recipe,
-                              str(out), tracker, extra_callbacks=monitor), out, tracker)
+                              str(out), tracker, extra_callbacks=monitor, save_steps=cfg.save_steps,
+                              resume=getattr(tracker, "resuming", False)), out, tracker)

@@ -58,12 +58,73 @@ def _experiment_id(mlflow) -> str | None:
         return mlflow.get_experiment_by_name(name).experiment_id
 
 
+class ResumeError(ValueError):
+    """A ``--resume RUN_ID`` that names no run this stage can continue."""
+
+
+def _check_resumable(client, run_id: str, stage: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise ResumeError(f"cannot resume {run_id!r}: no such run in this tracking store") from None
+    if run.info.lifecycle_stage == "deleted":
+        raise ResumeError(f"cannot resume run {run_id}: it is deleted")
+    if run.data.tags.get("arena.stage") != stage:
+        raise ResumeError(f"cannot resume run {run_id} as {stage}: it is a run of stage "
+                          f"{run.data.tags.get('arena.stage', '(none)')}")
+    if run.info.status == "FINISHED":
+        raise ResumeError(f"cannot resume run {run_id}: it already FINISHED (start a new run instead)")
+    if run.info.status == "RUNNING":
+        from peft_arena.tracking.heartbeat import HEARTBEAT_TAG, liveness
+
+        alive, why = liveness(run.data.tags.get(HEARTBEAT_TAG))
+        if alive:
+            raise ResumeError(f"cannot resume run {run_id}: it is still running ({why})")
+    return run
+
+
+def _reopen(mlflow, old, launcher: str | None):
+    """Reopen a dead or failed run. ``mlflow run -P resume=ID`` created a launcher run of its own; it keeps no
+    training: it is renamed ``resume-of-<ID>`` and tagged ``arena.resumed_into`` (no ``arena.stage``, so the arena's
+    searches skip it), and ``mlflow run`` ends it with the process's status. (It is not deleted: ``mlflow run``
+    sets the status of its run at the end and fails on a deleted one.)"""
+    client = mlflow.MlflowClient()
+    run_id = old.info.run_id
+    if launcher and launcher != run_id:
+        client.set_tag(launcher, "arena.resumed_into", run_id)
+        client.set_tag(launcher, "mlflow.runName", f"resume-of-{run_id}")
+        client.set_tag(launcher, "mlflow.note.content",
+                       f"Launcher of `mlflow run -P resume={run_id}`: the training went on in run {run_id}.")
+    previous = old.data.tags.get(ERROR_TAG)
+    if previous:  # the reason it stopped is kept, under another name; the run is no longer failed
+        client.set_tag(run_id, "arena.resumed_after_error", previous[:8000])
+        client.delete_tag(run_id, ERROR_TAG)
+    return mlflow.start_run(run_id=run_id)
+
+
 @contextmanager
-def arena_run(stage: str, run_name: str | None = None, tags: dict | None = None) -> Iterator[MlflowTracker]:
-    """Resume (under ``mlflow run``) or start the stage's run; on error record the reason and end it FAILED."""
+def arena_run(stage: str, run_name: str | None = None, tags: dict | None = None,
+              resume: str = "") -> Iterator[MlflowTracker]:
+    """Resume (under ``mlflow run``) or start the stage's run; on error record the reason and end it FAILED.
+
+    ``resume``: the id of an earlier run of this stage that did not finish (killed, failed): it is reopened and the
+    stage goes on in it (``tracker.resuming``). A refused resume fails the run ``mlflow run`` created, if any.
+    """
     import mlflow
 
-    if os.environ.get("MLFLOW_RUN_ID"):
+    refused = None
+    if resume:
+        try:
+            old = _check_resumable(mlflow.MlflowClient(), resume, stage)
+        except ResumeError as exc:
+            if not os.environ.get("MLFLOW_RUN_ID"):
+                raise  # nothing was started: one line, nothing to clean up
+            refused = exc
+    if resume and refused is None:
+        run = _reopen(mlflow, old, os.environ.pop("MLFLOW_RUN_ID", None))
+    elif os.environ.get("MLFLOW_RUN_ID"):
         run = mlflow.start_run()  # resumes MLFLOW_RUN_ID and removes it from the environment
     else:
         run = mlflow.start_run(experiment_id=_experiment_id(mlflow), run_name=run_name or None)
@@ -74,6 +135,10 @@ def arena_run(stage: str, run_name: str | None = None, tags: dict | None = None)
         tracker.set_tags({"arena.stage": stage, **versions(), **(tags or {})})
         if run_name:
             tracker.set_tags({"mlflow.runName": run_name})
+        if refused is not None:
+            raise refused
+        if resume:
+            tracker.start_resume()
         yield tracker
     except BaseException as exc:
         heartbeat.stop()

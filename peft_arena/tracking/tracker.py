@@ -24,6 +24,8 @@ class MemoryTracker:
     """Records what a stage logs; the same interface as :class:`MlflowTracker`."""
 
     run_id = "memory"
+    logs_to_mlflow = False
+    resuming = False
 
     def __init__(self) -> None:
         self.params: dict[str, str] = {}
@@ -64,6 +66,12 @@ class MemoryTracker:
     def log_table(self, data, name: str) -> None:
         self.artifacts[name] = data
 
+    def already_logged(self, key: str, step: int | None) -> bool:
+        return False
+
+    def logged_params(self) -> dict[str, str]:
+        return dict(self.params)
+
     def last(self, key: str) -> float:
         return self.metrics[metric_key(key)][-1][1]
 
@@ -72,8 +80,14 @@ class NullTracker:
     """What a training process other than rank 0 logs through: nothing. Rank 0 logs for the whole job, so the
     run gets one set of params, metrics and artifacts; ``run_id`` is the shared run's (output folders agree)."""
 
+    logs_to_mlflow = False
+    resuming = False
+
     def __init__(self, run_id: str) -> None:
         self.run_id = run_id
+
+    def already_logged(self, key: str, step: int | None) -> bool:
+        return False
 
     def __getattr__(self, name: str):
         if name.startswith(("log_", "set_")):
@@ -90,6 +104,26 @@ class MlflowTracker:
         self._mlflow = mlflow
         self.client = mlflow.MlflowClient()
         self.run_id = run_id
+        self.resuming = False  # a reopened run (--resume): points it already holds are not logged again
+        self._logged_steps: dict[str, int] = {}
+
+    logs_to_mlflow = True
+
+    def start_resume(self) -> None:
+        """Remember the last step of every metric the run holds; later points at or before it are skipped."""
+        self.resuming = True
+        for key in self.client.get_run(self.run_id).data.metrics:
+            history = self.client.get_metric_history(self.run_id, key)
+            self._logged_steps[key] = max(m.step for m in history) if history else -1
+
+    def already_logged(self, key: str, step: int | None) -> bool:
+        return self.resuming and self._logged_steps.get(key, -1) >= (step or 0)
+
+    def logged_params(self) -> dict[str, str]:
+        return dict(self.client.get_run(self.run_id).data.params)
+
+    def run_tags(self) -> dict[str, str]:
+        return dict(self.client.get_run(self.run_id).data.tags)
 
     def log_params(self, params: dict[str, Any]) -> None:
         # `mlflow run` already logged the -P values as given; MLflow refuses to change a param, so a resolved
@@ -109,6 +143,9 @@ class MlflowTracker:
     def log_metrics(self, metrics: dict[str, float], step: int | None = None, dataset: str | None = None,
                     model_id: str | None = None) -> None:
         clean = {metric_key(k): float(v) for k, v in metrics.items()}
+        clean = {k: v for k, v in clean.items() if not self.already_logged(k, step)}
+        if not clean:
+            return
         kwargs: dict[str, Any] = {"run_id": self.run_id, "step": step}
         if model_id:
             kwargs["model_id"] = model_id

@@ -34,7 +34,6 @@ import functools
 import importlib.util
 import math
 import os
-import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,14 +41,13 @@ from typing import Any, Callable
 
 import torch
 
+from peft_arena.config import coerce, validate
 from peft_arena.data import grpo_dataset
 from peft_arena.data.schema import rl_prompt_text
 from peft_arena.methods import BuildContext, MethodError, get_method
 from peft_arena.methods import ops
 from peft_arena.models import load_tokenizer, short_name
-from peft_arena.training import precision
-from peft_arena.tracking.tracker import MlflowTracker
-from peft_arena.training import distributed
+from peft_arena.training import checkpoints, distributed, guards, precision
 from peft_arena.training.rewards import completion_text, correctness_reward, format_reward
 
 COMPLETIONS_TABLE = "grpo/completions.json"
@@ -74,7 +72,7 @@ CURVES = {
 class GRPORecipe:
     """Every GRPO knob. Paper values where the paper fixes one; CPU-sized lengths and batches otherwise."""
 
-    num_generations: int = 8  # completions per prompt (the group); paper rollout.n = 8
+    num_generations: int = 8  # completions per prompt (the group, at least 2); paper rollout.n = 8
     prompts_per_generation: int = 2  # prompts sampled per generation round; paper 256
     updates_per_generation: int = 1  # optimizer steps per generation round; paper 4 (256 / mini-batch 64)
     grad_accum: int = 1  # micro-batches per optimizer step (memory only; same maths)
@@ -111,15 +109,14 @@ class GRPORecipe:
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(GRPORecipe)
-        for f in dataclasses.fields(self):
-            setattr(self, f.name, _coerce_field(f.name, getattr(self, f.name), hints[f.name]))
+        for f in dataclasses.fields(self):  # values from YAML or `-P grpo.x=y` arrive as strings
+            setattr(self, f.name, coerce(f"grpo.{f.name}", getattr(self, f.name), hints[f.name]))
+        validate(self, "grpo.")
         if str(self.use_vllm).lower() not in ("auto", "true", "false"):
             raise ValueError(f"grpo.use_vllm must be auto, true or false, not {self.use_vllm!r}")
         self.use_vllm = str(self.use_vllm).lower()
         if self.vllm_mode not in ("auto", "colocate", "server"):
             raise ValueError(f"grpo.vllm_mode must be auto, colocate or server, not {self.vllm_mode!r}")
-        if self.num_generations < 2:
-            raise ValueError("grpo.num_generations must be at least 2: advantages are relative within a group")
         per_update, rest = divmod(self.prompts_per_generation * self.num_generations, self.updates_per_generation)
         if rest or per_update % self.grad_accum:
             raise ValueError(
@@ -132,27 +129,6 @@ class GRPORecipe:
     def micro_batch_size(self) -> int:
         """Completions per forward/backward (TRL's per_device_train_batch_size)."""
         return self.prompts_per_generation * self.num_generations // (self.updates_per_generation * self.grad_accum)
-
-
-def _coerce_field(name: str, value: Any, hint: Any) -> Any:
-    """Recipe values from YAML or ``-P grpo.x=y`` arrive as strings; give them the field's type."""
-    if not isinstance(value, str):
-        is_int = isinstance(value, int) and not isinstance(value, bool)
-        return float(value) if is_int and hint in (float, float | None) else value  # YAML's 1 for a float knob
-    optional = typing.get_origin(hint) in (typing.Union, types.UnionType)
-    base = next((a for a in typing.get_args(hint) if a is not type(None)), hint) if optional else hint
-    if optional and value.strip().lower() in ("", "none", "null"):
-        return None
-    try:
-        if base is bool:
-            if value.strip().lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError
-            return value.strip().lower() in ("true", "1", "yes")
-        if base in (int, float):
-            return base(float(value)) if base is int and float(value).is_integer() else base(value)
-    except ValueError:
-        raise ValueError(f"grpo.{name}={value!r} is not a valid {getattr(base, '__name__', base)}") from None
-    return value
 
 
 # ---------------------------------------------------------------------------------------------------- backend
@@ -262,7 +238,9 @@ def _arena_callback(tracker, recorder: CompletionsRecorder, recipe: GRPORecipe, 
 
         def on_step_end(self, args, state, control, **kwargs):
             every = recipe.log_completions_every
-            if every and state.global_step % every == 0 and recorder.generation > self.logged_generation:
+            replayed = tracker.already_logged("train/reward", state.global_step)  # a resumed run's replayed step
+            if (every and state.global_step % every == 0 and recorder.generation > self.logged_generation
+                    and not replayed):
                 table = recorder.rows(state.global_step, recipe.completions_table_rows)
                 if table:
                     tracker.log_table(table, COMPLETIONS_TABLE)
@@ -362,12 +340,15 @@ def grpo_settings(recipe: GRPORecipe, lr: float, backend: str) -> dict[str, Any]
 
 def train_grpo(model_source: str, tokenizer_source: str, method: str, method_options: dict, records: list[dict],
                domain: str, recipe: GRPORecipe, output_dir: str, tracker, *,
-               reward_funcs: list[Callable] | None = None, extra_callbacks: list | tuple = ()) -> dict:
+               reward_funcs: list[Callable] | None = None, extra_callbacks: list | tuple = (), save_steps: int = -1,
+               resume: bool = False) -> dict:
     """Train ``method`` on ``records`` with GRPO; save the trained artifact under ``output_dir/adapter``.
 
     ``reward_funcs``: TRL reward functions to use instead of the domain's correctness reward (and the optional
     format reward); the first one is the one whose mean is logged as ``train/accuracy``.
     ``extra_callbacks``: more TrainerCallbacks (the forgetting monitor, :mod:`peft_arena.training.monitor`).
+    ``save_steps`` and ``resume``: checkpoints and resume (``training/checkpoints.py``); guards:
+    ``training/guards.py``.
 
     Returns adapter_dir, trainable_params, total_params, label, steps, final_reward, final_accuracy,
     first_reward, history (one dict of curves per logged step) and generation_backend.
@@ -431,6 +412,8 @@ def train_grpo(model_source: str, tokenizer_source: str, method: str, method_opt
                          "arena/train_prompts": len(records)})
 
     out = Path(output_dir)
+    ckpt = checkpoints.prepare(tracker, out / "trainer", save_steps, recipe.max_steps, resume)
+    report_to, report_callbacks = checkpoints.report_to(tracker)
     args = GRPOConfig(
         output_dir=str(out / "trainer"),
         max_steps=recipe.max_steps,
@@ -457,8 +440,9 @@ def train_grpo(model_source: str, tokenizer_source: str, method: str, method_opt
         gradient_checkpointing=recipe.gradient_checkpointing,
         disable_dropout=recipe.disable_dropout,
         logging_steps=recipe.logging_steps,
-        save_strategy="no",
-        report_to=["mlflow"] if isinstance(tracker, MlflowTracker) else "none",
+        logging_nan_inf_filter=False,  # a NaN loss must reach the guards
+        **ckpt.args,
+        report_to=report_to,
         use_cpu=not cuda,
         bf16=cuda,
         seed=recipe.seed,
@@ -470,9 +454,15 @@ def train_grpo(model_source: str, tokenizer_source: str, method: str, method_opt
                  if spec.make_optimizer else None)
     callbacks = list(spec.callbacks(model, options, ctx)) if spec.callbacks else []
     logging_callback = _arena_callback(tracker, recorder, recipe, correctness.__name__)
+    probe_rows = [dataset[i] for i in range(min(len(dataset), recipe.prompts_per_generation))]
+    probe = (keeplora_calibration_batch(probe_rows, tokenizer)  # prompts + reference answers, when the data has them
+             if all(r.get("answer") for r in probe_rows) else None)
+    # no divergence rule on the loss: the GRPO loss is a signed surrogate; non-finite, weights and probe checks
+    guard = guards.guard_callback(lr, probe=probe, probe_factor=guards.GRPO_PROBE_FACTOR)
     trainer = GRPOTrainer(
         model=model, reward_funcs=reward_funcs, args=args, train_dataset=dataset, processing_class=tokenizer,
-        optimizers=(optimizer, None), callbacks=[*callbacks, logging_callback, *extra_callbacks],
+        optimizers=(optimizer, None),
+        callbacks=[*callbacks, guard, *ckpt.callbacks, *report_callbacks, logging_callback, *extra_callbacks],
     )
     tracker.set_tags(distributed.describe(trainer))  # also refuses an engine other than the one asked for
     if spec.needs_calibration:  # KeepLoRA: from the prompts of the trainer's own first generation round
@@ -481,7 +471,9 @@ def train_grpo(model_source: str, tokenizer_source: str, method: str, method_opt
         tracker.log_params({"calibration_examples": len(rows)})
         if "ref" in getattr(trainer.model, "peft_config", {}):
             _copy_adapter(trainer.model, "default", "ref")  # TRL copied the adapter before it was initialised
-    trainer.train()
+    with guards.overflow_is_divergence(lr):
+        trainer.train(resume_from_checkpoint=str(ckpt.resume_from) if ckpt.resume_from else None)
+    guard.check_final(trainer.model)
 
     trained = trainer.model
     if recipe.beta and "ref" in getattr(trained, "peft_config", {}):
@@ -490,11 +482,14 @@ def train_grpo(model_source: str, tokenizer_source: str, method: str, method_opt
                                            base_model=short_name(model_source), base_source=model_source,
                                            tokenizer=tokenizer)
     tracker.log_artifacts(adapter_dir, "adapter")
+    ckpt.finish()
     trainer.accelerator.wait_for_everyone()  # rank 0 has uploaded the adapter before any process cleans up
 
     history = logging_callback.history
-    rewards = [h["train/reward"] for h in history if "train/reward" in h]
-    accuracies = [h["train/accuracy"] for h in history if "train/accuracy" in h]
+    logged = trainer.state.log_history  # the whole run's, a resumed run's included
+    rewards = [float(h["reward"]) for h in logged if "reward" in h]
+    accuracies = [float(h[f"rewards/{correctness.__name__}/mean"]) for h in logged
+                  if f"rewards/{correctness.__name__}/mean" in h]
     summary = {
         "train/first_reward": rewards[0] if rewards else math.nan,
         "train/final_reward": rewards[-1] if rewards else math.nan,

@@ -138,7 +138,7 @@ def load_base_for_training(source: str, dtype: torch.dtype, attn_implementation:
     """The base loaded once, in ``dtype``, straight onto ``device`` (None = where transformers puts it: CPU)."""
     from transformers import AutoModelForCausalLM
 
-    kwargs = {"dtype": dtype}
+    kwargs = {"dtype": dtype, "trust_remote_code": False}
     if attn_implementation and attn_implementation != "auto":
         kwargs["attn_implementation"] = attn_implementation
     if device and device != "cpu":

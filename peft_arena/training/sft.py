@@ -25,8 +25,7 @@ from peft_arena.data import load_records
 from peft_arena.methods import BuildContext, get_method
 from peft_arena.methods import ops
 from peft_arena.models import load_tokenizer, resolve_base
-from peft_arena.tracking.tracker import MlflowTracker
-from peft_arena.training import distributed
+from peft_arena.training import checkpoints, distributed, guards
 from peft_arena.training.monitor import attach_monitor
 from peft_arena.training import lean_adapters, precision
 
@@ -119,13 +118,14 @@ def resolve_settings(cfg: SFTConfig, method: str, options: dict, model_config) -
 
 
 def train_sft(cfg: SFTConfig, tracker, output_dir: str | Path, *, base_model=None, extra_callbacks=(),
-              structure_only: bool = False) -> dict:
+              structure_only: bool = False, resume: bool = False) -> dict:
     """Train ``cfg.adapter`` on ``cfg.domain`` data; save the trained artifact; return its facts.
 
     ``base_model``: an already loaded plain base (in the run's dtype, on the run's device) instead of loading
     ``cfg.base_model``; the speed benchmark reuses one 7B base across methods this way. ``structure_only`` builds
     data-dependent initialisations (SVD, calibration gradients) with their shapes only, for timing steps alone;
-    nothing is saved then.
+    nothing is saved then. ``resume``: continue the run's last checkpoint (``training/checkpoints.py``). Training
+    guards (``training/guards.py``) fail the run on non-finite or diverging losses, gradients or weights.
     """
     from transformers import AutoConfig
     from trl import SFTConfig as TRLSFTConfig
@@ -149,7 +149,7 @@ def train_sft(cfg: SFTConfig, tracker, output_dir: str | Path, *, base_model=Non
 
     torch.manual_seed(cfg.seed)
     cuda = torch.cuda.is_available()
-    model_config = base_model.config if base_model is not None else AutoConfig.from_pretrained(base.source)
+    model_config = base_model.config if base_model is not None else AutoConfig.from_pretrained(base.source, trust_remote_code=False)
     settings = resolve_settings(cfg, spec.name, options, model_config)
     if base_model is None:
         model = precision.load_base_for_training(base.source, settings.dtype, cfg.attn_implementation,
@@ -174,6 +174,8 @@ def train_sft(cfg: SFTConfig, tracker, output_dir: str | Path, *, base_model=Non
                         **{f"method.{k}": v for k, v in options.items()}, **settings.params()})
 
     out = Path(output_dir)
+    ckpt = checkpoints.prepare(tracker, out / "trainer", cfg.save_steps, total_steps, resume)
+    report_to, report_callbacks = checkpoints.report_to(tracker)
     args = TRLSFTConfig(
         output_dir=str(out / "trainer"),
         max_steps=total_steps,
@@ -187,8 +189,9 @@ def train_sft(cfg: SFTConfig, tracker, output_dir: str | Path, *, base_model=Non
         adam_beta2=cfg.adam_beta2,
         max_grad_norm=cfg.max_grad_norm,
         logging_steps=cfg.logging_steps,
-        save_strategy="no",
-        report_to=["mlflow"] if isinstance(tracker, MlflowTracker) else "none",
+        logging_nan_inf_filter=False,  # a NaN loss must reach the guards, not be replaced by the running mean
+        **ckpt.args,
+        report_to=report_to,
         run_name=cfg.run_name or None,
         # padding-free: over-long examples were dropped above, so nothing needs truncating
         max_length=None if settings.padding_free else cfg.max_length,
@@ -206,23 +209,32 @@ def train_sft(cfg: SFTConfig, tracker, output_dir: str | Path, *, base_model=Non
     optimizer = (spec.make_optimizer(model, options, lr, cfg.weight_decay, (0.9, cfg.adam_beta2))
                  if getattr(spec, "make_optimizer", None) else None)
     callbacks = [*(spec.callbacks(model, options, ctx) if getattr(spec, "callbacks", None) else []), *monitor]
+    guard = guards.guard_callback(lr, cfg.divergence_factor, cfg.divergence_patience)
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=sft_token_dataset(records, tokenizer), processing_class=tokenizer,
-        optimizers=(optimizer, None), callbacks=[*callbacks, *extra_callbacks],
+        optimizers=(optimizer, None),
+        callbacks=[*callbacks, *extra_callbacks, guard, *ckpt.callbacks, *report_callbacks],
     )
     tracker.set_tags(distributed.describe(trainer))  # also refuses an engine other than the one asked for
+    if not structure_only:  # the guards' probe batch: the first micro-batch (the global RNG left as it was)
+        rng = torch.random.get_rng_state()
+        guard.probe = first_micro_batch(trainer)
+        torch.random.set_rng_state(rng)
     if spec.needs_calibration and not structure_only:  # KeepLoRA: the trainer's own first (shuffled) micro-batch
         batch = first_micro_batch(trainer)
         spec.calibrate(trainer.model, options, batch)
         tracker.log_params({"calibration_examples": int(batch["input_ids"].shape[0])})
-    result = trainer.train()
+    with guards.overflow_is_divergence(lr):
+        result = trainer.train(resume_from_checkpoint=str(ckpt.resume_from) if ckpt.resume_from else None)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    guard.check_final(trainer.model)
 
     adapter_dir = None
     if not structure_only:  # a shapes-only init is no real adapter: nothing to save
         adapter_dir = distributed.save_trained(trainer, trainer.model, spec, options, out / "adapter",
                                                base_model=base.short, base_source=base.source, tokenizer=tokenizer)
         tracker.log_artifacts(adapter_dir, "adapter")
+        ckpt.finish()
     summary = {
         "train/first_loss": losses[0] if losses else float("nan"),
         "train/final_loss": losses[-1] if losses else float("nan"),

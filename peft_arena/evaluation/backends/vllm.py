@@ -23,7 +23,7 @@ _open_engine: "VllmBackend | None" = None  # the one engine this process may hol
 def model_max_len(model_path: str) -> int | None:
     from transformers import AutoConfig
 
-    text = AutoConfig.from_pretrained(model_path)
+    text = AutoConfig.from_pretrained(model_path, trust_remote_code=False)
     text = text.get_text_config() if hasattr(text, "get_text_config") else text
     return getattr(text, "max_position_embeddings", None)
 
@@ -54,7 +54,7 @@ class VllmBackend:
         self.progress = progress
         self.llm = LLM(model=model_path, dtype=dtype, seed=seed, max_model_len=self.max_model_len,
                        gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
-                       enforce_eager=enforce_eager, **engine_kwargs)
+                       enforce_eager=enforce_eager, trust_remote_code=False, **engine_kwargs)
         _open_engine = self
         self.last_prompt_ids: list[list[int]] = []
 
