@@ -152,7 +152,7 @@ _SFT = {"base_model": "tiny", "limit": "16", "batch_size": "2", "max_steps": "8"
 _REPO = Path(__file__).resolve().parent.parent
 
 
-def _adapter(run_id: str) -> dict:
+def _trained_tensors(run_id: str) -> dict:
     import mlflow
     from safetensors.torch import load_file
 
@@ -167,7 +167,7 @@ def _history(run_id: str, key: str) -> list[tuple[int, float]]:
 
 
 def _assert_same_training(resumed: str, reference: str, keys: tuple[str, ...], steps: int) -> None:
-    a, b = _adapter(resumed), _adapter(reference)
+    a, b = _trained_tensors(resumed), _trained_tensors(reference)
     assert a.keys() == b.keys()
     for name in a:
         assert torch_equal(a[name], b[name]), f"{name} differs after resume"
@@ -290,7 +290,7 @@ def test_grpo_crashed_then_resumed_equals_an_uninterrupted_run(mlflow_store, mon
     run = mlflow.MlflowClient().get_run(crashed)
     assert run.info.status == "FINISHED" and run.data.tags["arena.resumed_from_step"] == "2"
     assert "arena.error" not in run.data.tags and "simulated crash" in run.data.tags["arena.resumed_after_error"]
-    assert any(v.abs().max() > 0 for k, v in _adapter(crashed).items() if "lora_B" in k)  # it did learn something
+    assert any(v.abs().max() > 0 for k, v in _trained_tensors(crashed).items() if "lora_B" in k)  # it did learn something
     _assert_same_training(crashed, reference, ("train/reward", "loss", "grad_norm"), 4)
 
 
