@@ -5,7 +5,9 @@ peft has no KeepLoRA; this follows the PEFT-Arena implementation (``utils/keeplo
 1. One forward/backward pass of the *base* model on a calibration batch gives the gradient G (out×in) of every
    adapted weight W. The batch is the trainer's own first micro-batch, taken from its shuffled sampler as
    training will see it (the paper: rank 0's first micro-batch): the recipes build the adapter with
-   ``BuildContext(defer_calibration=True)``, create the trainer, then call :func:`calibrate_keeplora`.
+   ``BuildContext(defer_calibration=True)``, create the trainer, then call :func:`calibrate_keeplora`. In a
+   multi-process (DDP) run every process calibrates on its own first micro-batch and DDP's start-up broadcast
+   from rank 0 makes rank 0's initialisation (and offset base) everyone's, as the paper's rank-0 init + broadcast.
 2. V_k: the top-k right singular vectors of W (k = ``principal_rank``, 0 means 4·r).
 3. The residual gradient G_res = G − G·V_k·V_kᵀ has no component along W's principal input directions.
 4. Its rank-r SVD G_res ≈ U_r·Σ_r·Q_rᵀ initialises B₀ = U_r·Σ_r and A₀ = Q_rᵀ.
