@@ -24,8 +24,9 @@ from peft_arena.config import STAGE_CONFIGS, ConfigError, build_config, pairs_to
 STAGE_HELP = {
     "train_sft": (
         "Supervised finetuning of one PEFT method on a target domain (TRL SFTTrainer).",
-        "Logs: the resolved config as params, loss/grad-norm/learning-rate curves (HF MLflowCallback), "
-        "trainable/total parameter counts, the trained adapter folder as artifact `adapter/`, and lineage tags "
+        "Logs: the effective config as cfg.* params, train/loss, train/grad_norm, train/learning_rate curves (HF "
+        "MLflowCallback, no TrainingArguments dump), train/final_loss, the training data as a dataset input, "
+        "a run description, trainable/total parameter counts, the trained adapter folder as artifact `adapter/`, and lineage tags "
         "(arena.stage/method/domain/base_model/train, library versions).",
     ),
     "train_grpo": (
@@ -54,8 +55,9 @@ STAGE_HELP = {
     "spectral": (
         "Spectral profile of a finetuned model against its base (retention/adaptation profiles, stable rank, "
         "fluctuation scores, subspace angles, energy share, intruder dimensions, norm comparison).",
-        "Logs: spectral/<module>/<metric> summary metrics, per-matrix profiles and spectral_summary.json under "
-        "`spectral/`, PNG plots under `plots/`.",
+        "Logs: spectral/all/<metric> and spectral/<module>/<metric> means (docs/metrics.md), every matrix's "
+        "numbers as the table spectral/per_matrix.json, profiles and spectral_summary.json under `spectral/`, "
+        "PNG plots under `plots/`.",
     ),
     "report": (
         "Leaderboard, target-vs-general Pareto plot, method-family summary and spectral method grid from "

@@ -52,8 +52,8 @@ def test_two_processes_match_one_process(mlflow_store, tmp_path, tiny_source):
     tags = run.data.tags
     assert (tags["arena.num_processes"], tags["arena.distributed"]) == ("2", "MULTI_CPU")
 
-    one = [m.value for m in sorted(client.get_metric_history(single["run_id"], "loss"), key=lambda m: m.step)]
-    two = [m.value for m in sorted(client.get_metric_history(multi["run_id"], "loss"), key=lambda m: m.step)]
+    one = [m.value for m in sorted(client.get_metric_history(single["run_id"], "train/loss"), key=lambda m: m.step)]
+    two = [m.value for m in sorted(client.get_metric_history(multi["run_id"], "train/loss"), key=lambda m: m.step)]
     assert len(one) == len(two) == 4  # each step logged once (rank 0), not once per process
     assert two == pytest.approx(one, rel=LOSS_RTOL)
     assert single["losses"] == pytest.approx(one)

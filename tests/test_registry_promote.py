@@ -158,12 +158,22 @@ def test_champion_path_applies_the_policy(store):
     out, run_id = _promote(store, PromoteConfig(alias="champion", model_uri=f"models:/tiny-math/{version}",
                                                 policy=str(policy)))
     assert out["promoted"] is False and "champion" not in client.get_registered_model("tiny-math").aliases
-    assert client.get_run(run_id).data.tags["arena.policy_decision"] == "keep"
+    kept = client.get_run(run_id).data
+    assert kept.tags["arena.policy_decision"] == "keep"
+    # named for what it did; every gate's value (metrics) against its threshold (params), in the description too
+    assert kept.tags["mlflow.runName"] == "champion-kept-sft-lora-r8-math-tiny"
+    assert kept.metrics["policy/promoted"] == 0 and kept.metrics["policy/target_gain_pp"] == 1.5
+    assert kept.params["policy.min_target_gain_pp"] == "2.0" and kept.params["policy.max_forget_pp"] == "3.0"
+    assert "**Kept**" in kept.tags["mlflow.note.content"] and "| `target_gain_pp` | 1.5 | 2 | FAIL |" in \
+        kept.tags["mlflow.note.content"]
     reg.record_scores("tiny-math", version, {"target_avg": 21, "target_gain_pp": 2.5, "forget_pp": 0}, "e2", "k", provenance="full")
     out, run_id = _promote(store, PromoteConfig(alias="champion", model_uri="models:/tiny-math@candidate",
                                                 policy=str(policy)))
     assert out["promoted"] is True and out["version"] == version
     assert str(client.get_registered_model("tiny-math").aliases["champion"]) == version
+    promoted = client.get_run(run_id).data
+    assert promoted.tags["mlflow.runName"] == "champion-promoted-sft-lora-r8-math-tiny"
+    assert promoted.metrics["policy/promoted"] == 1 and "**Promoted**" in promoted.tags["mlflow.note.content"]
     decision = json.loads(Path(mlflow.artifacts.download_artifacts(
         run_id=run_id, artifact_path="policy_decision.json", dst_path=str(store["root"] / "pd"))).read_text())
     assert decision["promote"] is True and decision["gates"]["min_target_gain_pp"] == 2.0

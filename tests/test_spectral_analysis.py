@@ -93,7 +93,10 @@ def test_analyze_lora_adapter_end_to_end(tiny, tmp_path):
     # Metric keys follow the project's naming, and aggregates are means over layers.
     per = [summary["per_layer"][f"model.layers.{i}.mlp.down_proj.weight"]["effective_rank"] for i in (0, 1)]
     assert summary["metrics"]["spectral/mlp.down_proj/eff_rank"] == pytest.approx(sum(per) / 2)
-    assert "spectral/layers.1.mlp.down_proj/eff_rank" in summary["per_layer_metrics"]
+    rows = {(r["layer"], r["module"]): r for r in summary["per_matrix_rows"]}
+    assert rows[(1, "mlp.down_proj")]["eff_rank"] == pytest.approx(per[1]) and len(rows) == 14
+    assert 7 * 5 < len(summary["metrics"]) <= 13 + 7 * 6  # all metrics over every matrix + headline means per type
+    assert not any(k.startswith("spectral/layers.") for k in summary["metrics"])
     assert all("@" not in k and "(" not in k for k in summary["metrics"])
     for f in ("spectral_summary.json", "norm_comparison.json", "norm_comparison.csv", "profiles/index.json"):
         assert (tmp_path / "out" / f).exists()

@@ -186,12 +186,6 @@ def module_type(name: str) -> str:
     return LAYER_RE.search(name).group(2)
 
 
-def layer_metric_prefix(name: str) -> str:
-    """``model.layers.18.mlp.down_proj.weight`` → ``layers.18.mlp.down_proj``."""
-    match = LAYER_RE.search(name)
-    return f"layers.{match.group(1)}.{match.group(2)}"
-
-
 def _norm_row(name: str, W: torch.Tensor, W_ft: torch.Tensor) -> dict:
     W64, F64 = W.to(torch.float64), W_ft.to(torch.float64)
     D = F64 - W64
@@ -241,8 +235,15 @@ def _write_norms(out: Path, rows: list[dict], summary: dict) -> None:
             w.writerow({**r, "shape": "x".join(map(str, r["shape"]))})
 
 
+# the per-module-type means a person compares across runs (every metric stays in the per-matrix table and in
+# spectral/all/<metric>): 7 module types x 6 + 13 = 55 metrics for a Llama/Qwen-style model
+HEADLINE_FIELDS = ("effective_rank", "smoothness_retention", "smoothness_adaptation", "rel_delta_fro", "intruders",
+                   "sva_mean")
+
+
 def aggregate_metrics(per_matrix: dict[str, dict]) -> dict[str, float]:
-    """``spectral/<module type>/<metric>`` means over layers, ``spectral/all/<metric>`` over every matrix."""
+    """``spectral/all/<metric>``: means over every matrix (all metrics); ``spectral/<module type>/<metric>``: means
+    over layers of the :data:`HEADLINE_FIELDS`."""
     groups: dict[str, list[dict]] = defaultdict(list)
     for name, summ in per_matrix.items():
         groups[module_type(name)].append(summ)
@@ -250,21 +251,23 @@ def aggregate_metrics(per_matrix: dict[str, dict]) -> dict[str, float]:
     metrics = {}
     for group, items in groups.items():
         for field, metric in METRIC_FIELDS.items():
+            if group != "all" and field not in HEADLINE_FIELDS:
+                continue
             vals = [float(s[field]) for s in items if field in s]
             if vals:
                 metrics[f"spectral/{group}/{metric}"] = sum(vals) / len(vals)
     return metrics
 
 
-def per_layer_metrics(per_matrix: dict[str, dict]) -> dict[str, float]:
-    """``spectral/layers.N.<module>/<metric>`` for every analysed matrix."""
-    out = {}
+def per_matrix_rows(per_matrix: dict[str, dict]) -> list[dict]:
+    """One row per analysed matrix (layer, module, every metric): the per-matrix table artifact."""
+    rows = []
     for name, summ in per_matrix.items():
-        prefix = layer_metric_prefix(name)
-        for field, metric in METRIC_FIELDS.items():
-            if field in summ:
-                out[f"spectral/{prefix}/{metric}"] = float(summ[field])
-    return out
+        match = LAYER_RE.search(name)
+        row = {"matrix": name, "layer": int(match.group(1)), "module": match.group(2)}
+        row.update({metric: float(summ[field]) for field, metric in METRIC_FIELDS.items() if field in summ})
+        rows.append(row)
+    return sorted(rows, key=lambda r: (r["layer"], r["module"]))
 
 
 def analyze(
@@ -287,7 +290,7 @@ def analyze(
 
     ``precision`` is the compute dtype: "auto" = float32 (as the paper), or "float64".
     Returns the summary dict (also written to ``spectral_summary.json``) with ``metrics`` (aggregates),
-    ``per_layer_metrics``, ``per_layer`` and ``timings`` (seconds per stage).
+    ``per_matrix_rows`` (the per-matrix table), ``per_layer`` and ``timings`` (seconds per stage).
     """
     t_start = time.perf_counter()
     dev = resolve_device(device)
@@ -415,7 +418,7 @@ def analyze(
         _write_norms(out, norm_rows, norms)
 
     metrics = aggregate_metrics(per_matrix)
-    layer_metrics = per_layer_metrics(per_matrix)
+    matrix_rows = per_matrix_rows(per_matrix)
     timings = dict(timer.seconds)
     timings["total"] = time.perf_counter() - t_start
     summary = {
@@ -443,4 +446,4 @@ def analyze(
     }
     (out / "profiles" / "index.json").write_text(json.dumps({"format": FORMAT, "matrices": index}, indent=1))
     (out / "spectral_summary.json").write_text(json.dumps(summary, indent=1))
-    return {**summary, "per_layer_metrics": layer_metrics}
+    return {**summary, "per_matrix_rows": matrix_rows}

@@ -18,6 +18,7 @@ from pathlib import Path
 from peft_arena.config import EvalConfig
 from peft_arena.models import model_kind, resolve_base
 from peft_arena.stages.lineage import lineage_of
+from peft_arena.tracking import notes
 from peft_arena.tracking.naming import run_name
 from peft_arena.tracking.locks import store_lock
 from peft_arena.tracking.runs import find_base_evaluation, side_run
@@ -99,6 +100,22 @@ def _evaluate(path: str, benchmarks, cfg: EvalConfig, kind: str):
     )
 
 
+# a 0 means "decided elsewhere": logged as what decides it, never as the placeholder
+_ZERO_MEANS = {"limit": "all", "n_samples": "protocol", "max_new_tokens": "protocol", "batch_size": "auto",
+               "max_batch_tokens": "auto"}
+
+
+def _effective_params(cfg: EvalConfig) -> dict:
+    """``cfg.<key>`` params without placeholders: unset options left out, a 0 that means a per-benchmark protocol
+    or an automatic size logged as ``protocol``/``auto`` (each benchmark's real settings: results/settings.json)."""
+    out = {}
+    for key, value in vars(cfg).items():
+        if key == "run_name" or value in ("", None):
+            continue
+        out[f"cfg.{key}"] = _ZERO_MEANS[key] if key in _ZERO_MEANS and not value else value
+    return out
+
+
 def run_evaluate(cfg: EvalConfig, tracker) -> dict:
     from peft_arena.evaluation import resolve_suite
     from peft_arena.evaluation.runner import log_suite_result
@@ -128,7 +145,7 @@ def run_evaluate(cfg: EvalConfig, tracker) -> dict:
             "arena.model_version": resolved.version, "arena.model_alias": resolved.alias,
             "arena.model_id": resolved.model_id}.items() if v})
     tracker.set_tags(tags)
-    tracker.log_params({f"cfg.{k}": v for k, v in vars(cfg).items() if k != "run_name"})
+    tracker.log_params(_effective_params(cfg))
 
     try:
         result = _evaluate(target.path, benchmarks, cfg, kind)
@@ -151,13 +168,18 @@ def run_evaluate(cfg: EvalConfig, tracker) -> dict:
                     if base_result.settings_key() != result.settings_key():
                         raise RuntimeError("the base model's evaluation settings differ from the model's; "
                                            "scores would not be comparable")
-                    log_suite_result(base_tracker, base_result, base_short)
+                    base_scores = log_suite_result(base_tracker, base_result, base_short)
+                    base_tracker.describe(notes.evaluation(f"{base_short} (base model)", base_scores,
+                                                           base_result.per_benchmark, base_result.provenance,
+                                                           base_result.is_sample, None))
                     cached = (base_tracker.run_id, base_result.metrics)
         base_run_id, base_metrics = cached
         tracker.set_tags({"arena.base_eval_run": base_run_id})
 
     scores = log_suite_result(tracker, result, name, base_metrics, resolved.model_id if resolved else None,
                               domain=lineage.get("arena.domain"))
+    tracker.describe(notes.evaluation(cfg.model_uri, scores, result.per_benchmark, result.provenance,
+                                      result.is_sample, base_run_id if base_metrics is not None else None))
     if resolved is not None and resolved.registered_model:
         from peft_arena.tracking.registry import SCORE_KEYS, record_scores
 

@@ -19,7 +19,8 @@ from peft_arena.config import PromoteConfig
 from peft_arena.methods.registry import MergeError
 from peft_arena.tracking import registry as reg
 from peft_arena.tracking import search
-from peft_arena.tracking.naming import run_name
+from peft_arena.tracking import notes
+from peft_arena.tracking.naming import policy_run_name, run_name
 
 # A fixed probe for the merge-fidelity number: logits of the adapter model vs the merged model on it.
 _PROBE = "Question: what is 12 times 7? Answer:"
@@ -63,7 +64,7 @@ def _promote_candidate(cfg: PromoteConfig, tracker) -> dict:
     tracker.set_tags({"arena.stage": "promote", **{k: v for k, v in lineage.items() if v}, "arena.registered_model": name,
                       "mlflow.runName": cfg.run_name or run_name("promote", t.get("arena.train"), t.get("arena.method"),
                                                                 t.get("arena.method_label"), domain, base_short)})
-    tracker.log_params({"source_run": run_id, "merge_dtype": cfg.merge_dtype, "alias": cfg.alias})
+    tracker.log_params({"cfg.source_run": run_id, "cfg.alias": cfg.alias})
 
     work = Path(tempfile.mkdtemp(prefix="arena-promote-"))
     try:
@@ -73,7 +74,8 @@ def _promote_candidate(cfg: PromoteConfig, tracker) -> dict:
         tracker.set_tags({"arena.base_source": base_source})
         started = time.perf_counter()
         dtype, device = _merge_placement(cfg)
-        tracker.log_params({"merge_dtype_resolved": dtype, "merge_device": device})
+        tracker.log_params({"cfg.merge_dtype": dtype, "cfg.merge_device": device,
+                            "cfg.max_merge_logit_diff": merge_bound(cfg, dtype)})
         model = ops.load_trained(_load_base(base_source, record, dtype, device), adapter, dtype=dtype)
         tokenizer = _tokenizer(adapter, base_source)
         before = _probe_logits(model, tokenizer)
@@ -88,6 +90,7 @@ def _promote_candidate(cfg: PromoteConfig, tracker) -> dict:
         # the merged model goes from memory into the MLflow model once (no intermediate folder)
         version = reg.register_merged_model(None, name, lineage, tracker.run_id, dtype=dtype,
                                             alias=reg.CANDIDATE, model=merged, tokenizer=tokenizer,
+                                            model_name=(source.tags.get("mlflow.runName") or "model") + "-merged",
                                             reason=f"newest promoted model (training run {run_id}, promote run "
                                                    f"{tracker.run_id})")
         del model, merged
@@ -96,6 +99,7 @@ def _promote_candidate(cfg: PromoteConfig, tracker) -> dict:
         shutil.rmtree(work, ignore_errors=True)
     uri = f"models:/{name}/{version.version}"
     tracker.set_tags({"arena.model_version": str(version.version), "arena.model_uri": uri})
+    tracker.describe(notes.promotion(uri, run_id, reg.CANDIDATE, fidelity, merge_bound(cfg, dtype)))
     return {"name": name, "version": str(version.version), "model_uri": uri, "alias": reg.CANDIDATE,
             "merge_max_abs_logit_diff": fidelity}
 
@@ -109,18 +113,33 @@ def _promote_champion(cfg: PromoteConfig, tracker) -> dict:
                       "arena.model_version": str(version.version), "arena.model_uri": cfg.model_uri,
                       **{k: t[k] for k in ("arena.source_run", "arena.method", "arena.train", "arena.domain",
                                            "arena.base_model") if t.get(k)},
-                      "mlflow.runName": cfg.run_name or run_name("promote", t.get("arena.train"), t.get("arena.method"),
-                                                                t.get("arena.method_label"), t.get("arena.domain"),
-                                                                t.get("arena.base_model")) + "-champion"})
+                      "mlflow.runName": cfg.run_name or _policy_name("deciding", t)})
+    tracker.log_params({"cfg.model_uri": cfg.model_uri, "cfg.alias": reg.CHAMPION, "cfg.policy": cfg.policy})
     decision = reg.apply_policy(version.name, version.version, cfg.policy,
                                 actor=f"{reg.default_actor()} (promote run {tracker.run_id})")
-    tracker.set_tags({"arena.policy_decision": "promote" if decision.promote else "keep"})
+    outcome = "promoted" if decision.promote else "kept"
+    tracker.set_tags({"arena.policy_decision": "promote" if decision.promote else "keep",
+                      **({} if cfg.run_name else {"mlflow.runName": _policy_name(outcome, t)})})
+    tracker.log_params({f"policy.{k}": v for k, v in decision.gates.items() if v is not None})
+    tracker.log_metrics({"policy/promoted": float(decision.promote),
+                         **{f"policy/{gate}": value for gate, (value, _, _) in decision.checks.items()
+                            if isinstance(value, (int, float))}})
     tracker.log_dict({"promote": decision.promote, "reasons": decision.reasons, "gates": decision.gates,
+                      "checks": {g: {"value": v, "threshold": th, "passed": ok}
+                                 for g, (v, th, ok) in decision.checks.items()},
                       "policy": cfg.policy, "model": f"models:/{version.name}/{version.version}"},
                      "policy_decision.json")
+    tracker.describe(notes.policy(f"models:/{version.name}/{version.version}", decision.promote, reg.CHAMPION,
+                                  {g: (th, ok) for g, (_, th, ok) in decision.checks.items()},
+                                  {g: v for g, (v, _, _) in decision.checks.items()}, decision.reasons, cfg.policy))
     return {"name": version.name, "version": str(version.version),
             "model_uri": f"models:/{version.name}/{version.version}", "alias": reg.CHAMPION,
             "promoted": decision.promote, "reasons": decision.reasons}
+
+
+def _policy_name(outcome: str, t: dict) -> str:
+    return policy_run_name(outcome, reg.CHAMPION, t.get("arena.train"), t.get("arena.method"),
+                           t.get("arena.method_label"), t.get("arena.domain"), t.get("arena.base_model"))
 
 
 def merge_bound(cfg: PromoteConfig, dtype: str) -> float:

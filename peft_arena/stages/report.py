@@ -13,6 +13,7 @@ from pathlib import Path
 from peft_arena import analysis
 from peft_arena.config import ReportConfig
 from peft_arena.tracking import search
+from peft_arena.tracking import notes
 from peft_arena.tracking.naming import run_name
 
 
@@ -25,9 +26,9 @@ def run_report(cfg: ReportConfig, tracker) -> dict:
                       **({"arena.base_model": cfg.base_model} if cfg.base_model else {}),
                       "mlflow.runName": cfg.run_name or run_name("report", cfg.train or None, cfg.method or None,
                                                                 None, cfg.domain or None, cfg.base_model or None)})
-    tracker.log_params({"experiments": cfg.experiments or "all", **{f"filter_{k}": v or "any"
-                                                                   for k, v in filters.items()}})
-    tracker.log_params({"include_provisional": cfg.include_provisional})
+    tracker.log_params({"cfg.experiments": cfg.experiments or "all", **{f"cfg.{k}": v or "any"
+                                                                       for k, v in filters.items()},
+                        "cfg.include_provisional": cfg.include_provisional})
     board = analysis.leaderboard(experiments, **filters, include_provisional=cfg.include_provisional)
     bases = analysis.base_points(experiments, domain=filters["domain"], base=filters["base"],
                                  include_provisional=cfg.include_provisional)
@@ -79,6 +80,8 @@ def run_report(cfg: ReportConfig, tracker) -> dict:
     front = board[board["on_front"].fillna(False)] if len(board) else board
     tracker.log_metrics({"report/models": float(len(board)), "report/on_front": float(len(front)),
                          "report/base_points": float(len(bases))})
+    tracker.describe(notes.report((board_md if len(board) else "(no trained models evaluated yet)")
+                                  + ("\n\n**Base models**\n\n" + base_md if base_md else ""), len(board), len(front)))
     print(board_md if len(board) else "(no trained models evaluated yet)")
     if base_md:
         print("base models:\n" + base_md)

@@ -13,6 +13,7 @@ from pathlib import Path
 from peft_arena.config import ConfigError, SpectralConfig
 from peft_arena.models import resolve_base
 from peft_arena.stages.lineage import lineage_of
+from peft_arena.tracking import notes
 from peft_arena.tracking.naming import run_name
 
 
@@ -35,6 +36,7 @@ def run_spectral(cfg: SpectralConfig, tracker) -> dict:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import pandas as pd
 
     from peft_arena.spectral.analysis import analyze
     from peft_arena.spectral import plots
@@ -61,7 +63,7 @@ def run_spectral(cfg: SpectralConfig, tracker) -> dict:
     tracker.set_tags({**lineage, "arena.model_uri": cfg.model_uri, "arena.spectral_input": target.kind,
                       "mlflow.runName": name, **({"arena.source_run": target.source_run} if target.source_run
                                                  else {})})
-    tracker.log_params({f"cfg.{k}": v for k, v in vars(cfg).items() if k != "run_name"})
+    tracker.log_params({f"cfg.{k}": v for k, v in vars(cfg).items() if k != "run_name" and v not in ("", None)})
 
     out = Path(tempfile.mkdtemp(prefix="arena-spectral-"))
     try:
@@ -71,9 +73,10 @@ def run_spectral(cfg: SpectralConfig, tracker) -> dict:
             raise ValueError(f"{cfg.model_uri} has no update: every analysed weight equals its base's "
                              f"({base_source}); it is the base model or an untrained adapter, so there is nothing "
                              "to profile")
-        tracker.log_metrics({**summary["metrics"], **summary["per_layer_metrics"]})
-        tracker.log_metrics({f"spectral/timing/{k}_s": v for k, v in summary["timings"].items()})
-        tracker.log_artifacts(out, "spectral")
+        tracker.log_metrics(summary["metrics"])  # per-type means; every matrix's numbers go to the table
+        tracker.log_metrics({"spectral/total_s": summary["timings"]["total"]})
+        tracker.log_table(pd.DataFrame(summary["per_matrix_rows"]), "spectral/per_matrix.json")
+        tracker.log_artifacts(out, "spectral")  # spectral_summary.json keeps the per-stage timings
         layer_names = _str_list(cfg.plot_layers) or plots.middle_layer_matrices([out], ("mlp.down_proj", "self_attn.q_proj"), fallback=2)
         figures = {
             "plots/retention_adaptation.png": plots.plot_layer_curves(str(out), layer_names),
@@ -83,6 +86,8 @@ def run_spectral(cfg: SpectralConfig, tracker) -> dict:
         for artifact, fig in figures.items():
             tracker.log_figure(fig, artifact)
             plt.close(fig)
+        headline = {k: v for k, v in summary["metrics"].items() if k.startswith("spectral/all/")}
+        tracker.describe(notes.spectral(cfg.model_uri, base_source, summary["num_matrices"], headline))
     finally:
         shutil.rmtree(out, ignore_errors=True)
         target.cleanup()

@@ -8,6 +8,7 @@ from pathlib import Path
 from peft_arena.config import ConfigError, GRPOStageConfig, SFTConfig, config_params
 from peft_arena.methods import get_method
 from peft_arena.models import resolve_base
+from peft_arena.tracking import notes
 from peft_arena.tracking.naming import run_name
 
 # The resolved config is logged as `cfg.<key>`: unprefixed names belong to `mlflow run -P` and to the HF
@@ -27,6 +28,20 @@ def _lineage(cfg, train: str, label: str, base) -> dict[str, str]:
     }
 
 
+def effective_params(cfg, data: str, lr: float) -> dict:
+    """The settings the run really used, as ``cfg.<key>``: "use the default" placeholders resolved (``lr`` 0 →
+    the method's rate, ``data`` "" → the domain's default source, ``limit`` 0 → ``all``), unset options left out."""
+    params = {}
+    for key, value in config_params(cfg).items():
+        if key in _NOT_PARAMS or value in ("", None):
+            continue
+        params[f"cfg.{key}"] = value
+    params.update({"cfg.data": data, "cfg.lr": lr})
+    if "cfg.limit" in params and not cfg.limit:
+        params["cfg.limit"] = "all"
+    return params
+
+
 def _prepare(cfg, stage: str, train: str, tracker):
     spec = get_method(cfg.adapter)  # unknown method -> MethodError before any work
     options = spec.resolve(cfg.method_options)
@@ -43,7 +58,11 @@ def _prepare(cfg, stage: str, train: str, tracker):
     tags = {**_lineage(cfg, train, label, base), "arena.data": data, "mlflow.runName": name}
     if cfg.recipe:
         tags["arena.recipe"] = cfg.recipe
-    params = {f"cfg.{k}": v for k, v in config_params(cfg).items() if k not in _NOT_PARAMS}
+    if train == "sft":
+        lr = cfg.lr or spec.sft_lr
+    else:
+        lr = cfg.lr or cfg.grpo_options.get("learning_rate") or spec.grpo_lr
+    params = effective_params(cfg, data, lr)
     out = Path(cfg.output_dir) / tracker.run_id
     if getattr(tracker, "resuming", False):
         out = _resumed_output(tracker, params, out)
@@ -77,8 +96,18 @@ def _data_label(data: str) -> str:
 def run_train_sft(cfg: SFTConfig, tracker) -> dict:
     from peft_arena.training.sft import train_sft
 
-    out, _ = _prepare(cfg, "train_sft", "sft", tracker)
-    return _logged(train_sft(cfg, tracker, out, resume=getattr(tracker, "resuming", False)), out, tracker)
+    out, base = _prepare(cfg, "train_sft", "sft", tracker)
+    result = _logged(train_sft(cfg, tracker, out, resume=getattr(tracker, "resuming", False)), out, tracker)
+    _describe(cfg, "sft", base, result, result.get("examples"), tracker)
+    return result
+
+
+def _describe(cfg, train: str, base, result: dict, examples: int | None, tracker) -> None:
+    from peft_arena.training.sft import default_data
+
+    tracker.describe(notes.training(train, cfg.adapter, result.get("label", ""), cfg.domain, base.short,
+                                    cfg.data or default_data(cfg.domain), examples, result.get("steps"), result,
+                                    result.get("adapter_uri")))
 
 
 def _logged(result: dict, out: Path, tracker) -> dict:
@@ -108,6 +137,11 @@ def run_train_grpo(cfg: GRPOStageConfig, tracker) -> dict:
     records = load_records(cfg.data or default_data(cfg.domain), cfg.domain, limit=cfg.limit or None, seed=cfg.seed)
     records, monitor = attach_monitor(cfg, records, tracker, out, train="grpo", domain=cfg.domain,
                                       source=cfg.data or default_data(cfg.domain), seed=cfg.seed)
-    return _logged(train_grpo(base.source, base.source, cfg.adapter, cfg.method_options, records, cfg.domain, recipe,
-                              str(out), tracker, extra_callbacks=monitor, save_steps=cfg.save_steps,
-                              resume=getattr(tracker, "resuming", False)), out, tracker)
+    from peft_arena.training.sft import log_training_data
+
+    log_training_data(tracker, records, cfg.data or default_data(cfg.domain))
+    result = _logged(train_grpo(base.source, base.source, cfg.adapter, cfg.method_options, records, cfg.domain,
+                                recipe, str(out), tracker, extra_callbacks=monitor, save_steps=cfg.save_steps,
+                                resume=getattr(tracker, "resuming", False)), out, tracker)
+    _describe(cfg, "grpo", base, result, len(records), tracker)
+    return result

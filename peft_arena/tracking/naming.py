@@ -39,3 +39,11 @@ def run_name(stage: str, train: str | None = None, method: str | None = None, la
     model = [train, method, label] if method and method != "base" else (["base"] if method == "base" else [])
     parts = [_STAGE_PREFIX[stage], *model, domain, base]
     return "-".join(p for p in map(_part, parts) if p)
+
+
+def policy_run_name(outcome: str, alias: str, train: str | None = None, method: str | None = None,
+                    label: str | None = None, domain: str | None = None, base: str | None = None) -> str:
+    """The name of a policy run says what it did: ``champion-promoted-sft-lora-r8a16-math-tiny`` when the version
+    took the alias, ``champion-kept-…`` when the alias stayed where it was, ``champion-deciding-…`` before."""
+    model = run_name("promote", train, method, label, domain, base).removeprefix("promote").lstrip("-")
+    return "-".join(p for p in (_part(alias), _part(outcome), model) if p)

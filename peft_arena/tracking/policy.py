@@ -43,6 +43,9 @@ class Decision:
     promote: bool
     reasons: list[str]
     gates: dict[str, Any] = field(default_factory=dict)  # the thresholds that applied
+    # gate -> (value, threshold, passed) for every gate that could be checked, e.g.
+    # {"forget_pp": (0.5, 2.0, True)}; the policy stage logs them as metrics and writes them in its description
+    checks: dict[str, tuple[Any, Any, bool]] = field(default_factory=dict)
 
     def summary(self) -> str:
         return ("promote: " if self.promote else "keep: ") + "; ".join(self.reasons)
@@ -100,7 +103,9 @@ def evaluate_policy(policy: Policy, domain: str | None, candidate_scores: dict[s
     gates = policy.gates(domain)
     cand = {k.removeprefix("score/"): v for k, v in candidate_scores.items()}
     reasons, ok = [], True
+    checks: dict[str, tuple[Any, Any, bool]] = {}
     provenance = cand.get("provenance")
+    checks["provenance"] = (provenance or "unknown", "full", provenance == "full")
     if provenance != "full":
         ok = False
         reasons.append(f"refused: the evidence is {provenance or 'of unknown provenance'}, not a full evaluation; "
@@ -118,10 +123,12 @@ def evaluate_policy(policy: Policy, domain: str | None, candidate_scores: dict[s
     forget, gain, target = need("forget_pp"), need("target_gain_pp"), need("target_avg")
     if forget is not None:
         passed = forget <= gates.max_forget_pp
+        checks["forget_pp"] = (forget, gates.max_forget_pp, passed)
         ok &= passed
         reasons.append(f"forgetting {forget:.2f} pp {'<=' if passed else '>'} {gates.max_forget_pp:g} pp")
     if gain is not None:
         passed = gain >= gates.min_target_gain_pp
+        checks["target_gain_pp"] = (gain, gates.min_target_gain_pp, passed)
         ok &= passed
         reasons.append(f"target gain {gain:+.2f} pp {'>=' if passed else '<'} {gates.min_target_gain_pp:g} pp")
     if champion_scores is None:
@@ -138,10 +145,11 @@ def evaluate_policy(policy: Policy, domain: str | None, candidate_scores: dict[s
         else:
             margin = target - float(champ["target_avg"])  # same eval_key: same suite, settings and data
             passed = margin > gates.min_margin_over_champion_pp
+            checks["margin_over_champion_pp"] = (margin, gates.min_margin_over_champion_pp, passed)
             ok &= passed
             reasons.append(f"target {target:.2f} vs {policy.alias} {float(champ['target_avg']):.2f} "
                            f"({margin:+.2f} pp, needs > {gates.min_margin_over_champion_pp:g})")
-    return Decision(bool(ok), reasons, {"domain": domain, **asdict(gates)})
+    return Decision(bool(ok), reasons, {"domain": domain, **asdict(gates)}, checks)
 
 
 def apply_policy(name: str, version: str | int, policy: Policy | str | Path = "registry/policy.yaml",

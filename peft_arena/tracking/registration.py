@@ -18,8 +18,8 @@ from peft_arena.tracking.versions import (PENDING_TAG, PREVIOUS_TAG_PREFIX, PROM
 
 def register_merged_model(merged_dir: str | Path | None, name: str, tags: dict[str, Any], tracker_run_id: str, *,
                           dtype: str = "float32", alias: str | None = None, reason: str = "", actor: str | None = None,
-                          model=None, tokenizer=None):
-    """Log a merged model as model ``model`` of the promote run and register it: a HF folder (``merged_dir``,
+                          model=None, tokenizer=None, model_name: str = "model"):
+    """Log a merged model as LoggedModel ``model_name`` of the promote run and register it: a HF folder (``merged_dir``,
     weights + tokenizer, loaded in ``dtype``) or an in-memory ``model`` with its ``tokenizer``, which MLflow then
     writes once (promote's merge on the GPU never goes through an intermediate folder).
 
@@ -51,7 +51,7 @@ def register_merged_model(merged_dir: str | Path | None, name: str, tags: dict[s
     logged_id = None
     try:
         run = client.get_run(tracker_run_id)
-        logged = mlflow.initialize_logged_model(name="model", source_run_id=tracker_run_id, tags=clean_tags,
+        logged = mlflow.initialize_logged_model(name=model_name, source_run_id=tracker_run_id, tags=clean_tags,
                                                 experiment_id=run.info.experiment_id)
         logged_id = logged.model_id
         # mlflow 3.17's local-checkpoint path (transformers_model=<folder>) breaks on transformers 5, whose
@@ -61,7 +61,7 @@ def register_merged_model(merged_dir: str | Path | None, name: str, tags: dict[s
         if owned:
             model, tokenizer = load_model(str(merged_dir), dtype=dtype), load_tokenizer(str(merged_dir))
         mlflow.transformers.log_model(
-            transformers_model={"model": model, "tokenizer": tokenizer}, task="llm/v1/completions", name="model",
+            transformers_model={"model": model, "tokenizer": tokenizer}, task="llm/v1/completions", name=model_name,
             run_id=tracker_run_id, model_id=logged_id, pip_requirements=_pip_pins(),
             metadata={"arena": clean_tags}, model_card=_model_card(name, clean_tags))
         if owned:

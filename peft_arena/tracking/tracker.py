@@ -20,6 +20,22 @@ def metric_key(key: str) -> str:
     return _BAD_KEY_CHARS.sub("_", key.replace("@", "_at_"))
 
 
+GLOSSARY = "docs/metrics.md"
+
+
+def rounded(key: str, value: float) -> float:
+    """The number a person reads: scores, percentages and percentage points (``score/*``, ``*_pp``, ``*_pct``)
+    to 0.01, whole numbers as they are, everything else to 4 significant digits (``5.555555555555554`` → ``5.56``)."""
+    import math
+
+    value = float(value)
+    if not math.isfinite(value) or value == 0 or value.is_integer():
+        return value
+    if key.startswith("score/") or key.endswith(("_pp", "_pct")):
+        return round(value, 2)
+    return float(f"{value:.4g}")
+
+
 class MemoryTracker:
     """Records what a stage logs; the same interface as :class:`MlflowTracker`."""
 
@@ -72,6 +88,12 @@ class MemoryTracker:
     def logged_params(self) -> dict[str, str]:
         return dict(self.params)
 
+    def describe(self, text: str) -> None:
+        self.tags["mlflow.note.content"] = text
+
+    def log_dataset(self, frame, name: str, source: str, context: str = "training") -> None:
+        self.artifacts[f"input:{context}"] = (name, source, len(frame))
+
     def last(self, key: str) -> float:
         return self.metrics[metric_key(key)][-1][1]
 
@@ -90,7 +112,7 @@ class NullTracker:
         return False
 
     def __getattr__(self, name: str):
-        if name.startswith(("log_", "set_")):
+        if name.startswith(("log_", "set_")) or name == "describe":
             return lambda *args, **kwargs: None
         raise AttributeError(name)
 
@@ -142,7 +164,7 @@ class MlflowTracker:
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None, dataset: str | None = None,
                     model_id: str | None = None) -> None:
-        clean = {metric_key(k): float(v) for k, v in metrics.items()}
+        clean = {metric_key(k): rounded(k, v) for k, v in metrics.items()}
         clean = {k: v for k, v in clean.items() if not self.already_logged(k, step)}
         if not clean:
             return
@@ -174,6 +196,23 @@ class MlflowTracker:
 
     def log_table(self, data, name: str) -> None:
         self.client.log_table(self.run_id, data=data, artifact_file=name)
+
+    def describe(self, text: str) -> None:
+        """The run's description (MLflow's note, shown at the top of the run page)."""
+        self.client.set_tag(self.run_id, "mlflow.note.content", text)
+
+    def log_dataset(self, frame, name: str, source: str, context: str = "training") -> None:
+        """A data set the run consumed, as an MLflow dataset input (name, digest, schema, source)."""
+        import warnings
+
+        import mlflow
+        from mlflow.data.pandas_dataset import from_pandas
+
+        with warnings.catch_warnings():  # "source can be interpreted in multiple ways": a local path, as meant
+            warnings.simplefilter("ignore", UserWarning)
+            dataset = from_pandas(frame.astype(str), source=source, name=name)
+        self.client.log_inputs(self.run_id, datasets=[mlflow.entities.DatasetInput(
+            dataset._to_mlflow_entity(), tags=[mlflow.entities.InputTag("mlflow.data.context", context)])])
 
 
 def _named_dataset(name: str):

@@ -104,19 +104,20 @@ def _saved_callback(tracker):
 
 
 def report_to(tracker) -> tuple[str, list]:
-    """``report_to`` and the reporting callbacks: HF's MLflowCallback, minus metric points already logged.
+    """``report_to`` and the reporting callbacks: HF's MLflowCallback as the arena's ``ArenaMLflowCallback``
+    (curves as ``train/<name>``, no TrainingArguments param dump), minus metric points already logged.
 
     The callback logs into the active run (the one the stage opened or resumed). On a resumed run it skips every
     (metric, step) the run already holds, so a step replayed after the last checkpoint is not logged twice.
     """
     if not getattr(tracker, "logs_to_mlflow", False):
         return "none", []
-    from transformers.integrations import MLflowCallback
+    from peft_arena.tracking.hf_callback import ArenaMLflowCallback, curve_name
 
-    class ResumeSafeMLflowCallback(MLflowCallback):
+    class ResumeSafeMLflowCallback(ArenaMLflowCallback):
         def on_log(self, args, state, control, logs, model=None, **kwargs):
             fresh = {k: v for k, v in (logs or {}).items()
-                     if not tracker.already_logged(_HF_METRIC_NAME.sub("_", k), state.global_step)}
+                     if not tracker.already_logged(_HF_METRIC_NAME.sub("_", curve_name(k)), state.global_step)}
             super().on_log(args, state, control, fresh, model=model, **kwargs)
 
     return "none", [ResumeSafeMLflowCallback()]

@@ -52,7 +52,7 @@ from peft_arena.training.rewards import completion_text, correctness_reward, for
 
 COMPLETIONS_TABLE = "grpo/completions.json"
 
-# TRL's logged keys → the arena's stable metric names (TRL's own names also reach MLflow via report_to)
+# TRL's logged keys → the arena's stable metric names (the only curves logged: TRL's own names are not)
 CURVES = {
     "reward": "train/reward",
     "reward_std": "train/reward_std",
@@ -405,7 +405,7 @@ def train_grpo(model_source: str, tokenizer_source: str, method: str, method_opt
 
     settings = grpo_settings(recipe, lr, backend)
     tracker.log_params({f"grpo.{k}": v for k, v in settings.items()})
-    tracker.log_params({"resolved_lr": lr, "method_label": spec.label(options),
+    tracker.log_params({"method_label": spec.label(options),
                         **{f"method.{k}": v for k, v in options.items()}})
     tracker.set_tags({"arena.generation_backend": backend})
     tracker.log_metrics({"arena/trainable_params": trainable, "arena/total_params": total,
@@ -413,7 +413,6 @@ def train_grpo(model_source: str, tokenizer_source: str, method: str, method_opt
 
     out = Path(output_dir)
     ckpt = checkpoints.prepare(tracker, out / "trainer", save_steps, recipe.max_steps, resume)
-    report_to, report_callbacks = checkpoints.report_to(tracker)
     args = GRPOConfig(
         output_dir=str(out / "trainer"),
         max_steps=recipe.max_steps,
@@ -442,7 +441,7 @@ def train_grpo(model_source: str, tokenizer_source: str, method: str, method_opt
         logging_steps=recipe.logging_steps,
         logging_nan_inf_filter=False,  # a NaN loss must reach the guards
         **ckpt.args,
-        report_to=report_to,
+        report_to="none",  # the stable curves (CURVES) go through the tracker; no TrainingArguments dump
         use_cpu=not cuda,
         bf16=cuda,
         seed=recipe.seed,
@@ -462,7 +461,7 @@ def train_grpo(model_source: str, tokenizer_source: str, method: str, method_opt
     trainer = GRPOTrainer(
         model=model, reward_funcs=reward_funcs, args=args, train_dataset=dataset, processing_class=tokenizer,
         optimizers=(optimizer, None),
-        callbacks=[*callbacks, guard, *ckpt.callbacks, *report_callbacks, logging_callback, *extra_callbacks],
+        callbacks=[*callbacks, guard, *ckpt.callbacks, logging_callback, *extra_callbacks],
     )
     tracker.set_tags(distributed.describe(trainer))  # also refuses an engine other than the one asked for
     if spec.needs_calibration:  # KeepLoRA: from the prompts of the trainer's own first generation round

@@ -30,6 +30,14 @@ from peft_arena.training.monitor import attach_monitor
 from peft_arena.training import lean_adapters, precision
 
 
+def log_training_data(tracker, records: list[dict], source: str) -> None:
+    """The examples the trainer sees, as the run's dataset input (named after the data source, with a digest)."""
+    import pandas as pd
+
+    name = Path(source).stem if ("/" in source or "." in Path(source).name) else source
+    tracker.log_dataset(pd.DataFrame(records), name=name, source=source, context="training")
+
+
 def default_data(domain: str) -> str:
     return {"math": "math-sample", "med": "med-sample"}.get(domain, "")
 
@@ -144,6 +152,7 @@ def train_sft(cfg: SFTConfig, tracker, output_dir: str | Path, *, base_model=Non
         raise ValueError(f"no training example fits max_length={cfg.max_length}; raise max_length")
     records, monitor = attach_monitor(cfg, records, tracker, output_dir, train="sft", domain=cfg.domain,
                                       source=cfg.data or default_data(cfg.domain), seed=cfg.seed)
+    log_training_data(tracker, records, cfg.data or default_data(cfg.domain))
     steps_per_epoch = math.ceil(len(records) / (cfg.batch_size * cfg.grad_accum))
     total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(steps_per_epoch * cfg.epochs))
 
@@ -170,7 +179,7 @@ def train_sft(cfg: SFTConfig, tracker, output_dir: str | Path, *, base_model=Non
     trainable, total = ops.count_parameters(model)
     tracker.log_metrics({"arena/trainable_params": trainable, "arena/total_params": total,
                          "arena/train_examples": len(records)})
-    tracker.log_params({"resolved_lr": lr, "total_steps": total_steps, "method_label": spec.label(options),
+    tracker.log_params({"total_steps": total_steps, "method_label": spec.label(options),
                         **{f"method.{k}": v for k, v in options.items()}, **settings.params()})
 
     out = Path(output_dir)
@@ -236,7 +245,6 @@ def train_sft(cfg: SFTConfig, tracker, output_dir: str | Path, *, base_model=Non
         tracker.log_artifacts(adapter_dir, "adapter")
         ckpt.finish()
     summary = {
-        "train/first_loss": losses[0] if losses else float("nan"),
         "train/final_loss": losses[-1] if losses else float("nan"),
         "train/runtime_s": result.metrics.get("train_runtime", float("nan")),
     }
@@ -244,4 +252,5 @@ def train_sft(cfg: SFTConfig, tracker, output_dir: str | Path, *, base_model=Non
     trainer.accelerator.wait_for_everyone()  # rank 0 has uploaded the adapter before any process cleans up
     return {"adapter_dir": str(adapter_dir) if adapter_dir else None, "trainable_params": trainable,
             "total_params": total, "label": spec.label(options), "losses": losses, "steps": total_steps,
+            "examples": len(records),
             "settings": settings.params(), **summary}
