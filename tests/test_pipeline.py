@@ -97,6 +97,10 @@ def test_training_run_has_config_curves_adapter_and_lineage(arena):
     assert len(params) < 80, sorted(params)
     inputs = run.inputs.dataset_inputs
     assert [d.dataset.name for d in inputs] == ["math-sample"] and inputs[0].dataset.digest
+    models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list",
+                                         filter_string=f"source_run_id = '{run.info.run_id}'")
+    assert [m.name for m in models] == ["sft-lora-r8a16-math-tiny"]  # the adapter, named after the run
+    assert models[0].tags["arena.artifact_uri"] == f"runs:/{run.info.run_id}/adapter"
     note = tags["mlflow.note.content"]
     assert "lora r8a16" in note and "math-sample" in note and "train/final_loss" in note and "docs/metrics.md" in note
     files = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "adapter")}
@@ -145,10 +149,13 @@ def test_evaluation_by_alias_is_linked_to_the_version_and_scored(arena):
     assert run.data.metrics["score/forget_pp"] == pytest.approx(forget, abs=0.011)
     version = mlflow.MlflowClient().get_model_version("tiny-math", "1")
     # a provisional evaluation (limit=2, samples) is listed on the version but never becomes its scores
-    assert not any(k.startswith("arena.score.") for k in version.tags)
+    assert "arena.scores" not in version.tags and not any(k.startswith("arena.score.") for k in version.tags)
     history = json.loads(version.tags["arena.eval_history"])
     assert history[-1]["provenance"] == "provisional" and history[-1]["run"] == run.info.run_id
     assert history[-1]["detail"]["math500"].startswith("subset(limit=2)")
+    # the version's description says it all in one screen; its tags are few
+    assert f"run `{run.info.run_id}` (provisional" in version.description and "candidate" in version.description
+    assert len(version.tags) <= 12, sorted(version.tags)  # lineage, eval key, histories, registration
     files = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
     assert "results" in files
     # scores to 0.01 pp; the description holds the score table with each benchmark's provenance

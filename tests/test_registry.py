@@ -199,8 +199,9 @@ def test_alias_moves_are_recorded_on_both_versions(store):
     assert h2[-1]["action"] == "set" and h2[-1]["by"] == "tester" and h2[-1]["replaced_version"] == "1"
     import mlflow
 
-    tags = mlflow.MlflowClient().get_model_version(NAME, "2").tags
-    assert tags["arena.alias.candidate.set_by"] == "tester" and tags["arena.alias.candidate.why"] == "newest promoted"
+    mv = mlflow.MlflowClient().get_model_version(NAME, "2")
+    assert h2[-1]["why"] == "newest promoted" and "| candidate | set | tester | newest promoted |" in mv.description
+    assert not any(k.startswith("arena.alias.") for k in mv.tags)  # the history is the record, not a tag per field
     with pytest.raises(RegistryError, match="needs a reason"):
         reg.move_alias(NAME, "candidate", 1, "")
 
@@ -224,14 +225,17 @@ def test_apply_policy_moves_champion_only_when_gates_pass(store):
                       provenance="full")
     d = reg.apply_policy(NAME, 1, policy, actor="tester")
     assert not d.promote and "champion" not in client.get_registered_model(NAME).aliases
-    assert client.get_model_version(NAME, "1").tags["arena.policy.champion.decision"] == "keep"
+    kept = client.get_model_version(NAME, "1")
+    assert kept.tags["arena.policy.champion.decision"] == "keep"
+    assert reg.alias_history(NAME, 1)[-1]["action"] == "kept" and "forgetting 5.00 pp > 2" in kept.description
     # re-evaluated with less forgetting: becomes champion, the move records its scores
     reg.record_scores(NAME, 1, {"target_avg": 30, "target_gain_pp": 4, "forget_pp": 1}, "eval-b", eval_key="k",
                       provenance="full")
     assert reg.apply_policy(NAME, 1, policy, actor="tester").promote
     tags = client.get_model_version(NAME, "1").tags
     assert aliases(client)["champion"] == "1"
-    assert json.loads(tags["arena.alias.champion.scores"])["forget_pp"] == 1.0
+    assert reg.alias_history(NAME, 1)[-1]["scores"]["forget_pp"] == 1.0
+    assert json.loads(tags["arena.scores"]) == {"target_avg": 30.0, "target_gain_pp": 4.0, "forget_pp": 1.0}
     assert "general_avg" not in reg.version_scores(tags)  # eval-a's score is not mixed into eval-b's
     history = json.loads(tags["arena.eval_history"])
     assert [(e["run"], e["provenance"]) for e in history] == [("eval-p", "provisional"), ("eval-a", "full"),

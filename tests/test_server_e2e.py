@@ -190,8 +190,10 @@ def test_registered_version_and_aliases_are_on_the_server(server, arena):
     mv = _get(url, "/api/2.0/mlflow/model-versions/get", name="tiny-math", version=arena["version"])["model_version"]
     tags = {t["key"]: t["value"] for t in mv["tags"]}
     assert tags["arena.source_run"] == arena["train"] and tags["arena.method"] == "lora"
-    assert float(tags["arena.score.target_gain_pp"]) == 4.0 and tags["arena.scored_by_run"] == arena["eval"]
-    assert json.loads(tags["arena.alias.champion.scores"])["forget_pp"] == 0.5
+    assert json.loads(tags["arena.scores"])["target_gain_pp"] == 4.0
+    assert json.loads(tags["arena.eval_history"])[-1]["run"] == arena["eval"]
+    assert [e for e in json.loads(tags["arena.alias_history"]) if e["alias"] == "champion"][-1]["scores"][
+        "forget_pp"] == 0.5
     assert [e["alias"] for e in json.loads(tags["arena.alias_history"])] == ["candidate", "champion"]
     by_alias = _get(url, "/api/2.0/mlflow/registered-models/alias", name="tiny-math", alias="champion")
     assert by_alias["model_version"]["version"] == arena["version"]

@@ -210,7 +210,7 @@ def test_promote_evaluate_report_land_in_registry_and_bucket(team, arena):
     vtags = _tags(mv)
     assert vtags["arena.source_run"] == arena["train"]["info"]["run_id"]
     # a provisional (limit=1) evaluation is listed on the version but writes no score onto it
-    assert "arena.score.target_avg" not in vtags
+    assert "arena.scores" not in vtags
     assert json.loads(vtags["arena.eval_history"])[-1]["provenance"] == "provisional"
     # the merged model's weights are in the bucket, written through the server's artifact proxy
     assert any(k.endswith("model.safetensors") and "/models/" in f"/{k}" for k in _s3_keys(team))

@@ -68,7 +68,7 @@ def _prepare(cfg, stage: str, train: str, tracker):
         out = _resumed_output(tracker, params, out)
     tracker.set_tags(tags)
     tracker.log_params(params)
-    return out, base
+    return out, base, name
 
 
 def _resumed_output(tracker, params: dict, default: Path) -> Path:
@@ -96,15 +96,22 @@ def _data_label(data: str) -> str:
 def run_train_sft(cfg: SFTConfig, tracker) -> dict:
     from peft_arena.training.sft import train_sft
 
-    out, base = _prepare(cfg, "train_sft", "sft", tracker)
+    out, base, name = _prepare(cfg, "train_sft", "sft", tracker)
     result = _logged(train_sft(cfg, tracker, out, resume=getattr(tracker, "resuming", False)), out, tracker)
-    _describe(cfg, "sft", base, result, result.get("examples"), tracker)
+    _describe(cfg, "sft", base, name, result, result.get("examples"), tracker)
     return result
 
 
-def _describe(cfg, train: str, base, result: dict, examples: int | None, tracker) -> None:
+def _describe(cfg, train: str, base, name: str, result: dict, examples: int | None, tracker) -> None:
+    """The adapter as a LoggedModel named after the run, and the run's description."""
     from peft_arena.training.sft import default_data
 
+    tracker.log_adapter_model(
+        name, result["adapter_uri"],
+        {"arena.method": cfg.adapter, "arena.method_label": result.get("label", ""), "arena.train": train,
+         "arena.domain": cfg.domain, "arena.base_model": base.short},
+        {"trainable_params": result.get("trainable_params"), "steps": result.get("steps"),
+         **{f"method.{k}": v for k, v in get_method(cfg.adapter).resolve(cfg.method_options).items()}})
     tracker.describe(notes.training(train, cfg.adapter, result.get("label", ""), cfg.domain, base.short,
                                     cfg.data or default_data(cfg.domain), examples, result.get("steps"), result,
                                     result.get("adapter_uri")))
@@ -126,7 +133,7 @@ def run_train_grpo(cfg: GRPOStageConfig, tracker) -> dict:
     from peft_arena.training.sft import default_data
     from peft_arena.training.monitor import attach_monitor
 
-    out, base = _prepare(cfg, "train_grpo", "grpo", tracker)
+    out, base, name = _prepare(cfg, "train_grpo", "grpo", tracker)
     known = {f.name for f in dataclasses.fields(GRPORecipe)}
     unknown = sorted(set(cfg.grpo_options) - known)
     if unknown:
@@ -143,5 +150,5 @@ def run_train_grpo(cfg: GRPOStageConfig, tracker) -> dict:
     result = _logged(train_grpo(base.source, base.source, cfg.adapter, cfg.method_options, records, cfg.domain,
                                 recipe, str(out), tracker, extra_callbacks=monitor, save_steps=cfg.save_steps,
                                 resume=getattr(tracker, "resuming", False)), out, tracker)
-    _describe(cfg, "grpo", base, result, len(records), tracker)
+    _describe(cfg, "grpo", base, name, result, len(records), tracker)
     return result

@@ -6,13 +6,12 @@ registered version from its recorded scores and moves the alias only when every 
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from peft_arena.tracking.aliases import eval_history, move_alias, version_scores
-from peft_arena.tracking.versions import (CHAMPION, PolicyError, RegistryError, alias_holder, fit_tag, mlflow_client, now,
+from peft_arena.tracking.aliases import eval_history, move_alias, record_decision, version_scores
+from peft_arena.tracking.versions import (CHAMPION, PolicyError, RegistryError, alias_holder, mlflow_client,
                                           require_version)
 
 
@@ -158,7 +157,8 @@ def apply_policy(name: str, version: str | int, policy: Policy | str | Path = "r
 
     Scores come from the version's tags (written by :func:`record_scores`, full evaluations only); the
     champion's from its own tags. A version evaluated only provisionally gets a recorded refusal that says so.
-    The decision, promote or not, is recorded on the version (``arena.policy.<alias>.*``).
+    The decision, promote or not, is recorded on the version (``arena.policy.<alias>.decision``, the reasons in
+    ``arena.alias_history`` and the version's description).
     """
     if not isinstance(policy, Policy):
         policy = load_policy(policy)
@@ -188,10 +188,9 @@ def apply_policy(name: str, version: str | int, policy: Policy | str | Path = "r
         decision = evaluate_policy(policy, domain, {**scores, "eval_key": mv.tags.get("arena.eval_key"),
                                                     "provenance": mv.tags.get("arena.score_provenance")},
                                    champion_scores)
-    prefix = f"arena.policy.{policy.alias}."
-    client.set_model_version_tag(name, version, prefix + "decision", "promote" if decision.promote else "keep")
-    client.set_model_version_tag(name, version, prefix + "reasons", fit_tag(json.dumps(decision.reasons)))
-    client.set_model_version_tag(name, version, prefix + "decided_at", now())
+    client.set_model_version_tag(name, version, f"arena.policy.{policy.alias}.decision",
+                                 "promote" if decision.promote else "keep")
+    record_decision(name, version, policy.alias, decision.promote, decision.reasons, actor)
     if decision.promote:
         move_alias(name, policy.alias, version, f"policy {policy.source or 'gates'}: " + "; ".join(decision.reasons),
                    scores, actor)

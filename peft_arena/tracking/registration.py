@@ -92,6 +92,9 @@ def _register_locked(client, name: str, logged_id: str, tags: dict[str, str], pr
                                          "" if previous is None else str(previous.version))
             aliases.move_alias(name, alias, version.version, reason or "registered by promote", None, actor)
         client.set_model_version_tag(name, version.version, PENDING_TAG, "complete")  # usable from here on
+        if alias:  # only an undo of a pending version needs it; the alias history keeps the replaced version
+            _quietly(lambda: client.delete_model_version_tag(name, version.version, PREVIOUS_TAG_PREFIX + alias))
+        aliases.describe_version(client, name, str(version.version))
         return client.get_model_version(name, version.version)
     except BaseException:
         _undo(client, name, None if version is None else str(version.version), created_model)

@@ -94,6 +94,10 @@ class MemoryTracker:
     def log_dataset(self, frame, name: str, source: str, context: str = "training") -> None:
         self.artifacts[f"input:{context}"] = (name, source, len(frame))
 
+    def log_adapter_model(self, name: str, artifact_uri: str, tags: dict[str, Any], params: dict[str, Any]) -> str:
+        self.artifacts[f"model:{name}"] = (artifact_uri, dict(tags), dict(params))
+        return f"memory-model-{name}"
+
     def last(self, key: str) -> float:
         return self.metrics[metric_key(key)][-1][1]
 
@@ -213,6 +217,17 @@ class MlflowTracker:
             dataset = from_pandas(frame.astype(str), source=source, name=name)
         self.client.log_inputs(self.run_id, datasets=[mlflow.entities.DatasetInput(
             dataset._to_mlflow_entity(), tags=[mlflow.entities.InputTag("mlflow.data.context", context)])])
+
+    def log_adapter_model(self, name: str, artifact_uri: str, tags: dict[str, Any], params: dict[str, Any]) -> str:
+        """The trained adapter as a LoggedModel named ``name`` (the run's name), linked to this run. Its files stay
+        where every stage reads them (``artifact_uri``, e.g. ``runs:/<run>/adapter``), so the LoggedModel is an
+        external one pointing there (tag ``arena.artifact_uri``): no second copy of the weights."""
+        experiment_id = self.client.get_run(self.run_id).info.experiment_id
+        model = self._mlflow.create_external_model(
+            name=name, source_run_id=self.run_id, experiment_id=experiment_id, model_type="peft-adapter",
+            tags={**{k: str(v) for k, v in tags.items() if v not in (None, "")}, "arena.artifact_uri": artifact_uri},
+            params={k: str(v)[:6000] for k, v in params.items()})
+        return model.model_id
 
 
 def _named_dataset(name: str):

@@ -12,7 +12,8 @@ from datetime import datetime, timezone
 
 # Headline scores of an evaluate run (metric ``score/<key>``), percentage points on the 0-100 scale.
 SCORE_KEYS = ("target_avg", "general_avg", "target_gain_pp", "general_delta_pp", "forget_pp")
-SCORE_TAG = "arena.score."  # version tag prefix: arena.score.target_avg = "41.2"
+SCORES_TAG = "arena.scores"  # one version tag: {"target_avg": 41.2, "forget_pp": 0.5, ...} (the newest evaluation)
+SCORE_TAG = "arena.score."  # the tag prefix before issue 16 (arena.score.target_avg = "41.2"), still read
 ALIAS_HISTORY_TAG = "arena.alias_history"
 EVAL_HISTORY_TAG = "arena.eval_history"
 CANDIDATE, CHAMPION = "candidate", "champion"
