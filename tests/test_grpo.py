@@ -227,7 +227,10 @@ def test_mlflow_run_gets_curves_table_and_adapter(tiny, math_records, tmp_path, 
     data = client.get_run(run.info.run_id).data
     assert data.tags["arena.generation_backend"] == "transformers"
     assert data.params["grpo.loss_type"] == "dapo"
-    assert {"train/reward", "train/accuracy", "train/entropy", "train/completion_length", "reward"} <= set(data.metrics)
+    assert {"train/reward", "train/accuracy", "train/entropy", "train/completion_length", "train/loss"} <= set(data.metrics)
+    # the arena's curve names only: no TRL duplicates, no TrainingArguments param dump, within the metrics budget
+    assert not {"reward", "loss", "train_loss"} & set(data.metrics) and len(data.metrics) <= 100
+    assert "per_device_train_batch_size" not in data.params and "hub_token" not in data.params
     assert len(client.get_metric_history(run.info.run_id, "train/reward")) == 2
     paths = {a.path for a in client.list_artifacts(run.info.run_id, "grpo")}
     assert COMPLETIONS_TABLE in paths

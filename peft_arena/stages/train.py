@@ -114,7 +114,7 @@ def _describe(cfg, train: str, base, name: str, result: dict, examples: int | No
          **{f"method.{k}": v for k, v in get_method(cfg.adapter).resolve(cfg.method_options).items()}})
     tracker.describe(notes.training(train, cfg.adapter, result.get("label", ""), cfg.domain, base.short,
                                     cfg.data or default_data(cfg.domain), examples, result.get("steps"), result,
-                                    result.get("adapter_uri")))
+                                    result.get("adapter_uri"), result.get("monitor_stopped")))
 
 
 def _logged(result: dict, out: Path, tracker) -> dict:
@@ -150,5 +150,6 @@ def run_train_grpo(cfg: GRPOStageConfig, tracker) -> dict:
     result = _logged(train_grpo(base.source, base.source, cfg.adapter, cfg.method_options, records, cfg.domain,
                                 recipe, str(out), tracker, extra_callbacks=monitor, save_steps=cfg.save_steps,
                                 resume=getattr(tracker, "resuming", False)), out, tracker)
-    _describe(cfg, "grpo", base, name, result, len(records), tracker)
+    _describe(cfg, "grpo", base, name, {**result, "monitor_stopped": monitor[0].stopped if monitor else None},
+              len(records), tracker)
     return result

@@ -49,7 +49,7 @@ def _join(*parts: str) -> str:
 
 
 def training(train: str, method: str, label: str, domain: str, base: str, data: str, examples: int | None,
-             steps: int, result: dict, adapter_uri: str | None) -> str:
+             steps: int, result: dict, adapter_uri: str | None, monitor_stopped: str | None = None) -> str:
     """SFT/GRPO: what was trained on what, for how long, and where it ended."""
     what = f"**{train.upper()}** of **{method} {label}** on **{base}** ({domain})"
     rows = [("data", f"`{data}`" + (f" ({examples:,} {'examples' if train == 'sft' else 'prompts'})"
@@ -62,7 +62,8 @@ def training(train: str, method: str, label: str, domain: str, base: str, data: 
         rows += [("final reward (`train/final_reward`)", fmt(result.get("final_reward"))),
                  ("final accuracy (`train/final_accuracy`)", fmt(result.get("final_accuracy")))]
     rows.append(("adapter", f"`{adapter_uri}`" if adapter_uri else "none (shapes-only run)"))
-    return _join(what, table(("", "value"), rows),
+    stopped = f"**Stopped early by the forgetting monitor**: {monitor_stopped}." if monitor_stopped else ""
+    return _join(what, stopped, table(("", "value"), rows),
                  "Curves: `train/loss` (SFT) or `train/reward` (GRPO) per logged step; the training data is this "
                  "run's dataset input.", GLOSSARY_LINE)
 

@@ -252,5 +252,5 @@ def train_sft(cfg: SFTConfig, tracker, output_dir: str | Path, *, base_model=Non
     trainer.accelerator.wait_for_everyone()  # rank 0 has uploaded the adapter before any process cleans up
     return {"adapter_dir": str(adapter_dir) if adapter_dir else None, "trainable_params": trainable,
             "total_params": total, "label": spec.label(options), "losses": losses, "steps": total_steps,
-            "examples": len(records),
+            "examples": len(records), "monitor_stopped": monitor[0].stopped if monitor else None,
             "settings": settings.params(), **summary}
