@@ -161,7 +161,7 @@ def test_evaluation_by_alias_is_linked_to_the_version_and_scored(arena):
     # scores to 0.01 pp; the description holds the score table with each benchmark's provenance
     assert all(round(v, 2) == v for k, v in run.data.metrics.items() if k.startswith("score/"))
     note = run.data.tags["mlflow.note.content"]
-    assert "score/target_avg" in note and "Sample scores" in note and bases[0].info.run_id in note
+    assert "score/target_avg" in note and "Provisional scores" in note and bases[0].info.run_id in note
     assert "mlflow.note.content" in bases[0].data.tags
 
 

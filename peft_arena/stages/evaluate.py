@@ -171,7 +171,7 @@ def run_evaluate(cfg: EvalConfig, tracker) -> dict:
                     base_scores = log_suite_result(base_tracker, base_result, base_short)
                     base_tracker.describe(notes.evaluation(f"{base_short} (base model)", base_scores,
                                                            base_result.per_benchmark, base_result.provenance,
-                                                           base_result.is_sample, None))
+                                                           base_result.provisional, None))
                     cached = (base_tracker.run_id, base_result.metrics)
         base_run_id, base_metrics = cached
         tracker.set_tags({"arena.base_eval_run": base_run_id})
@@ -179,7 +179,7 @@ def run_evaluate(cfg: EvalConfig, tracker) -> dict:
     scores = log_suite_result(tracker, result, name, base_metrics, resolved.model_id if resolved else None,
                               domain=lineage.get("arena.domain"))
     tracker.describe(notes.evaluation(cfg.model_uri, scores, result.per_benchmark, result.provenance,
-                                      result.is_sample, base_run_id if base_metrics is not None else None))
+                                      result.provisional, base_run_id if base_metrics is not None else None))
     if resolved is not None and resolved.registered_model:
         from peft_arena.tracking.registry import SCORE_KEYS, record_scores
 

@@ -69,14 +69,15 @@ def training(train: str, method: str, label: str, domain: str, base: str, data: 
 
 
 def evaluation(model: str, scores: dict[str, float], per_benchmark: dict[str, dict[str, float]],
-               provenance: dict[str, str], samples_only: bool, base_run: str | None) -> str:
+               provenance: dict[str, str], provisional: bool, base_run: str | None) -> str:
     """Evaluate: the arena scores and each benchmark's numbers with where its items came from."""
     head = f"**Evaluation** of `{model}`"
     score_rows = [(f"`{k}`", pct(v)) for k, v in sorted(scores.items())]
     bench_rows = [(b, ", ".join(f"{m} {pct(v)}" for m, v in sorted(vals.items())), provenance.get(b, "n/a"))
                   for b, vals in sorted(per_benchmark.items())]
-    warning = ("**Sample scores**: some benchmarks ran on bundled samples or subsets (provenance column); these "
-               "numbers are smoke checks, not benchmark scores." if samples_only else "")
+    warning = ("**Provisional scores**: some benchmarks did not run in full under their protocol (bundled samples, "
+               "subsets or overrides: provenance column); these numbers are smoke checks, not benchmark scores."
+               if provisional else "**Full evaluation**: every benchmark ran in full under its protocol.")
     base = f"Gain and forgetting are percentage points against the base model's evaluation run `{base_run}`." \
         if base_run else ""
     return _join(head, warning, table(("score", "value (%, pp)"), score_rows),
