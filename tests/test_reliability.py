@@ -228,7 +228,7 @@ def test_sft_killed_then_resumed_by_mlflow_run_equals_an_uninterrupted_run(mlflo
 
     reference = run_stage("train_sft", None, dict(_SFT))["run_id"]
     killed = _kill_after([sys.executable, "-m", "peft_arena.cli", "train-sft",
-                          *[a for k, v in _SFT.items() for a in (f"--{k}", v)]], mlflow_store, "loss", 3, 2)
+                          *[a for k, v in _SFT.items() for a in (f"--{k}", v)]], mlflow_store, "train/loss", 3, 2)
     client = mlflow.MlflowClient()
     assert client.get_run(killed).info.status == "RUNNING"  # what the dead process left
     cmd = [sys.executable, "-m", "mlflow", "run", str(_REPO), "-e", "train_sft", "--env-manager", "local",
@@ -238,8 +238,8 @@ def test_sft_killed_then_resumed_by_mlflow_run_equals_an_uninterrupted_run(mlflo
     run = client.get_run(killed)
     assert run.info.status == "FINISHED"
     assert int(run.data.tags["arena.resumed_from_step"]) >= 2
-    _assert_same_training(killed, reference, ("loss", "grad_norm", "learning_rate"), 8)
-    for key in ("arena/trainable_params", "train/first_loss", "train/final_loss"):
+    _assert_same_training(killed, reference, ("train/loss", "train/grad_norm", "train/learning_rate"), 8)
+    for key in ("arena/trainable_params", "train/final_loss"):
         assert len(_history(killed, key)) == 1, key
     # the run mlflow run created for the resume holds nothing but the pointer, and no arena.stage
     launchers = client.search_runs([e.experiment_id for e in client.search_experiments()],
@@ -291,7 +291,7 @@ def test_grpo_crashed_then_resumed_equals_an_uninterrupted_run(mlflow_store, mon
     assert run.info.status == "FINISHED" and run.data.tags["arena.resumed_from_step"] == "2"
     assert "arena.error" not in run.data.tags and "simulated crash" in run.data.tags["arena.resumed_after_error"]
     assert any(v.abs().max() > 0 for k, v in _trained_tensors(crashed).items() if "lora_B" in k)  # it did learn something
-    _assert_same_training(crashed, reference, ("train/reward", "loss", "grad_norm"), 4)
+    _assert_same_training(crashed, reference, ("train/reward", "train/loss", "train/grad_norm"), 4)
 
 
 @probe("training", "resume of a finished, unknown or other-stage run, or with other settings")
