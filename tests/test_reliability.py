@@ -744,6 +744,98 @@ def test_store_lock_serialises_read_modify_write(store, kind, tmp_path):
     assert not [m for m in client.search_registered_models() if m.name.startswith(LOCK_MODEL_PREFIX)]
 
 
+@pytest.fixture()
+def auth_server(tmp_path):
+    """A real ``mlflow server --app-name basic-auth`` (sqlite backend, 2 workers) on 127.0.0.1; stopped at the end."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "auth.ini").write_text(textwrap.dedent(f"""\
+        [mlflow]
+        default_permission = READ
+        database_uri = sqlite:///{tmp_path}/auth.db
+        admin_username = admin
+        authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+        auth_cache_ttl_seconds = 60
+    """))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
+    env.update(MLFLOW_AUTH_CONFIG_PATH=str(tmp_path / "auth.ini"), MLFLOW_AUTH_ADMIN_PASSWORD="probe-admin-pw-7",
+               MLFLOW_FLASK_SERVER_SECRET_KEY="probe-key", MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--app-name", "basic-auth",
+                               "--backend-store-uri", f"sqlite:///{tmp_path}/mlflow.db",
+                               "--default-artifact-root", str(tmp_path / "artifacts"),
+                               "--host", "127.0.0.1", "--port", str(port), "--workers", "2"],
+                              env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "mlflow server did not start in 180 s"
+                time.sleep(1)
+        yield {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}", "MLFLOW_TRACKING_USERNAME": "admin",
+               "MLFLOW_TRACKING_PASSWORD": "probe-admin-pw-7"}
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        log.close()
+
+
+@probe("registry", "server lock under basic auth: N processes acquire/release in a loop, no error, nothing lost")
+def test_server_lock_under_basic_auth(auth_server, tmp_path, monkeypatch):
+    """The ``arena-lock.<hash>`` CAS against a real basic-auth server. A create that loses the race can come back
+    RESOURCE_DOES_NOT_EXIST (MLflow's SQL store looks the name up after the unique-key violation, and the holder
+    has just deleted it); the lock must treat that as contention, not crash (it did: 1 in 12 team-mode commands)."""
+    import mlflow
+
+    from peft_arena.tracking.locks import LOCK_MODEL_PREFIX
+
+    for k, v in auth_server.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("PEFT_ARENA_LOCK", raising=False)
+    mlflow.set_tracking_uri(auth_server["MLFLOW_TRACKING_URI"])
+    n, times = 6, 20
+    procs = [_spawn(f"""
+        import os, time
+        from pathlib import Path
+        import mlflow
+        from peft_arena.tracking.locks import store_lock
+        mlflow.MlflowClient().search_registered_models(max_results=1)  # connected
+        Path("{tmp_path}", "ready-{i}").touch()
+        while len(list(Path("{tmp_path}").glob("ready-*"))) < {n}:
+            time.sleep(0.01)
+        for j in range({times}):
+            # an empty hold (a marker file proves exclusion), so releases race with the losers' creates
+            with store_lock("probe/counter"):
+                fd = os.open("{tmp_path}/held", os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # fails if two hold it
+                os.close(fd)
+                Path("{tmp_path}", "done-{i}-" + str(j)).touch()
+                os.unlink("{tmp_path}/held")
+    """, env=auth_server) for i in range(n)]
+    try:
+        codes = [p.wait(timeout=400) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert codes == [0] * n
+    assert len(list(tmp_path.glob("done-*"))) == n * times
+    client = mlflow.MlflowClient()
+    assert not [m for m in client.search_registered_models() if m.name.startswith(LOCK_MODEL_PREFIX)]
+
+
 @probe("registry", "8 concurrent evaluations share one base evaluation (and lose no eval_history entry)")
 def test_concurrent_evaluations_share_one_base_evaluation(store, monkeypatch):
     """Eight evaluations (threads; each model evaluation holds the gate, the store work races) of one version."""

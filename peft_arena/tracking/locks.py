@@ -13,6 +13,22 @@ Two implementations, chosen from the tracking URI:
   retry with jitter. The holder renews ``arena.lock.expires`` from a background thread; a lock whose expiry has
   passed (its holder died) is broken by the next waiter. Release deletes the registered model.
 
+  A failed create is not taken at its word. MLflow's SQL registry store answers a create that lost the race with
+  ``get_registered_model(name)`` (to say whether the existing name is a prompt); when the holder released the lock
+  in between, that look-up raises ``RESOURCE_DOES_NOT_EXIST`` *from the create* (seen in team mode on PostgreSQL
+  and against a basic-auth server on sqlite; the look-up is in the store, not in the auth app). And a create that
+  went through can still come back as an error (basic auth's after-request hook that grants the creator MANAGE
+  failed, or the client retried a request whose first attempt had succeeded and got ``RESOURCE_ALREADY_EXISTS``).
+  So after any error the lock model is read back: it is ours only if its ``arena.lock.owner`` is our unique owner
+  id; otherwise ``RESOURCE_ALREADY_EXISTS`` and ``RESOURCE_DOES_NOT_EXIST`` mean contention (back off and retry),
+  any other error is raised. Release and breaking re-read the owner right before the delete (MLflow has no
+  conditional delete, so this narrows, not closes, the window in which a holder that stalled past the TTL deletes
+  its successor's lock). Basic auth's grants on the name cannot block the next create (creating needs only the
+  workspace's create permission; the creator's MANAGE grant is an upsert); but its delete hook sweeps the grants
+  on the name *after* the delete and may remove the next holder's fresh grant: accounts that are not admins
+  therefore need MANAGE on registered models (``default_permission = MANAGE``, or an admin account as team mode
+  uses) to release and break locks.
+
 ``PEFT_ARENA_LOCK=file|mlflow`` forces one implementation (the tests run the server path against sqlite).
 Locks are re-entrant within a thread, so a locked step may call another step that takes the same lock.
 """
@@ -124,15 +140,7 @@ def _mlflow_lock(uri: str, key: str, timeout: float | None) -> Iterator[None]:
     name = LOCK_MODEL_PREFIX + hashlib.sha1(key.encode()).hexdigest()[:24]
     owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     deadline = None if timeout is None else time.monotonic() + timeout
-    while True:
-        try:
-            client.create_registered_model(name, tags={"arena.lock.key": key[:5000], "arena.lock.owner": owner,
-                                                       "arena.lock.expires": repr(time.time() + _TTL_S)},
-                                           description="peft-arena store lock (deleted on release)")
-            break
-        except MlflowException as exc:
-            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
+    while not _try_create(client, name, key, owner):
         _break_if_expired(client, name)
         if deadline is not None and time.monotonic() > deadline:
             raise LockTimeout(f"store lock {key!r} is held by another process (waited {timeout:g} s)")
@@ -153,11 +161,41 @@ def _mlflow_lock(uri: str, key: str, timeout: float | None) -> Iterator[None]:
     finally:
         stop.set()
         renewer.join()
-        try:
-            if client.get_registered_model(name).tags.get("arena.lock.owner") == owner:
+        if _owner_of(client, name) == owner:  # else broken by a waiter after expiry: nothing of ours to delete
+            try:
                 client.delete_registered_model(name)
-        except MlflowException:
-            pass  # broken by a waiter after expiry: nothing of ours to delete
+            except MlflowException:
+                pass  # deleted meanwhile (broken), or the server failed: it expires after _TTL_S and is broken
+
+
+_CONTENTION = ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST")
+
+
+def _try_create(client, name: str, key: str, owner: str) -> bool:
+    """One attempt to take the lock; True when it is ours (see the module docstring for why errors are read back)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name, tags={"arena.lock.key": key[:5000], "arena.lock.owner": owner,
+                                                   "arena.lock.expires": repr(time.time() + _TTL_S)},
+                                       description="peft-arena store lock (deleted on release)")
+        return True
+    except MlflowException as exc:
+        if _owner_of(client, name) == owner:
+            return True  # our create went through; the error came after it
+        if exc.error_code in _CONTENTION:
+            return False
+        raise
+
+
+def _owner_of(client, name: str) -> str | None:
+    """The owner id of the lock model ``name``, or None when there is none (or it cannot be read now)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_registered_model(name).tags.get("arena.lock.owner")
+    except MlflowException:
+        return None
 
 
 def _break_if_expired(client, name: str) -> None:
@@ -168,6 +206,8 @@ def _break_if_expired(client, name: str) -> None:
     except MlflowException:
         return  # released meanwhile
     if float(held.tags.get("arena.lock.expires", "0") or 0) < time.time():
+        if _owner_of(client, name) != held.tags.get("arena.lock.owner"):
+            return  # released and taken again since we read it: the new holder's lock is not expired
         try:
             client.delete_registered_model(name)
         except MlflowException:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from peft_arena.tracking.aliases import eval_history, move_alias, record_decision, version_scores
+from peft_arena.tracking.locks import store_lock
 from peft_arena.tracking.versions import (CHAMPION, PolicyError, RegistryError, alias_holder, mlflow_client,
                                           require_version)
 
@@ -171,27 +172,30 @@ def apply_policy(name: str, version: str | int, policy: Policy | str | Path = "r
         raise RegistryError(f"version {version} of {name!r} has no recorded evaluation; "
                             f"run evaluate on models:/{name}/{version} first")
     domain = mv.tags.get("arena.domain")
-    holder = alias_holder(client, name, policy.alias)
-    if holder is not None and str(holder.version) == version:
-        decision = Decision(False, [f"version {version} already holds {policy.alias}"], {"domain": domain})
-    elif not scores:
-        last = history[-1]
-        detail = ", ".join(f"{b}: {p}" for b, p in (last.get("detail") or {}).items()) or "details unknown"
-        decision = Decision(False, [
-            f"refused: version {version} has only provisional evaluations (latest: run {last.get('run')}, "
-            f"{detail}); provisional scores cannot make a {policy.alias}: evaluate models:/{name}/{version} on the "
-            "full benchmarks (no limit, full data, protocol generation settings)"], {"domain": domain})
-    else:
-        champion_scores = None
-        if holder is not None:
-            champion_scores = {**version_scores(holder.tags), "eval_key": holder.tags.get("arena.eval_key")}
-        decision = evaluate_policy(policy, domain, {**scores, "eval_key": mv.tags.get("arena.eval_key"),
-                                                    "provenance": mv.tags.get("arena.score_provenance")},
-                                   champion_scores)
-    client.set_model_version_tag(name, version, f"arena.policy.{policy.alias}.decision",
-                                 "promote" if decision.promote else "keep")
-    record_decision(name, version, policy.alias, decision.promote, decision.reasons, actor)
-    if decision.promote:
-        move_alias(name, policy.alias, version, f"policy {policy.source or 'gates'}: " + "; ".join(decision.reasons),
-                   scores, actor)
+    # the decision and its tags under the lock of the alias moves: MLflow's SQL store inserts a version tag without
+    # upsert, and the champion read here must still hold when the alias moves
+    with store_lock(f"registry/{name}"):
+        holder = alias_holder(client, name, policy.alias)
+        if holder is not None and str(holder.version) == version:
+            decision = Decision(False, [f"version {version} already holds {policy.alias}"], {"domain": domain})
+        elif not scores:
+            last = history[-1]
+            detail = ", ".join(f"{b}: {p}" for b, p in (last.get("detail") or {}).items()) or "details unknown"
+            decision = Decision(False, [
+                f"refused: version {version} has only provisional evaluations (latest: run {last.get('run')}, "
+                f"{detail}); provisional scores cannot make a {policy.alias}: evaluate models:/{name}/{version} on the "
+                "full benchmarks (no limit, full data, protocol generation settings)"], {"domain": domain})
+        else:
+            champion_scores = None
+            if holder is not None:
+                champion_scores = {**version_scores(holder.tags), "eval_key": holder.tags.get("arena.eval_key")}
+            decision = evaluate_policy(policy, domain, {**scores, "eval_key": mv.tags.get("arena.eval_key"),
+                                                        "provenance": mv.tags.get("arena.score_provenance")},
+                                       champion_scores)
+        client.set_model_version_tag(name, version, f"arena.policy.{policy.alias}.decision",
+                                     "promote" if decision.promote else "keep")
+        record_decision(name, version, policy.alias, decision.promote, decision.reasons, actor)
+        if decision.promote:
+            move_alias(name, policy.alias, version,
+                       f"policy {policy.source or 'gates'}: " + "; ".join(decision.reasons), scores, actor)
     return decision
