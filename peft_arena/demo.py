@@ -20,10 +20,10 @@ DOMAIN = "med"
 # The paper's medical target (every medical benchmark) and general average (IFEval, NQ, BBH), so both averages hold.
 DEMO_SUITE = "medqa,medmcqa,pubmedqa,mmlu_medical,ifeval,nq,bbh"
 # Sized so the whole demo takes about 5 minutes of one CPU core with SmolLM2-135M (OMP_NUM_THREADS=1): SFT of 5
-# steps × 2 sequences (the loss visibly falls), 4 items per benchmark with short answers, spectral profiles of
+# steps × 2 sequences (the loss visibly falls), 3 items per benchmark with short answers, spectral profiles of
 # every 4th layer (all 7 module types). A smoke run of the pipeline, not a benchmark: the scores are subsets.
-FULL = {"base": "smollm2-135m", "steps": 5, "batch_size": 2, "limit": 16, "eval_limit": 4, "n_samples": 1,
-        "max_new_tokens": 64, "spectral_layers": "0,4,8,12,16,20,24,28"}
+FULL = {"base": "smollm2-135m", "steps": 5, "batch_size": 2, "limit": 16, "eval_limit": 3, "n_samples": 1,
+        "max_new_tokens": 32, "spectral_layers": "0,4,8,12,16,20,24,28"}
 FAST = {"base": "tiny", "steps": 2, "batch_size": 4, "limit": 8, "eval_limit": 2, "n_samples": 1, "max_new_tokens": 8,
         "spectral_layers": ""}
 
