@@ -195,7 +195,7 @@ def test_training_is_one_run_with_one_adapter_in_the_bucket(team, arena):
     info, tags = arena["train"]["info"], _tags(arena["train"])
     assert info["status"] == "FINISHED"
     assert tags["arena.num_processes"] == "2"  # the 2-process job: one run, rank 0 logged
-    history = _api(team, f"/api/2.0/mlflow/metrics/get-history?run_id={info['run_id']}&metric_key=loss")["metrics"]
+    history = _api(team, f"/api/2.0/mlflow/metrics/get-history?run_id={info['run_id']}&metric_key=train%2Floss")["metrics"]
     assert sorted(m["step"] for m in history) == [1, 2]  # each step once, not once per process
     keys = _s3_keys(team, f"{info['experiment_id']}/{info['run_id']}/artifacts/")
     adapter = [k for k in keys if k.endswith("adapter/adapter_model.safetensors")]
