@@ -48,6 +48,7 @@ def run_demo(directory: str = "demo_arena", fast: bool = False) -> dict:
     root.mkdir(parents=True, exist_ok=True)
     db = root / "mlflow.db"
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{db}"
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)  # an id from another store (set_experiment exports one) means nothing here
     os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", "peft-arena-demo")
     outputs = str(root / "outputs")
     common_train = {"base_model": size["base"], "domain": DOMAIN, "max_steps": size["steps"],

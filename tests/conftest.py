@@ -27,6 +27,9 @@ def mlflow_store(tmp_path, monkeypatch):
     if mlflow.active_run():
         mlflow.end_run()
     mlflow.set_tracking_uri(None)
+    # mlflow.set_experiment() exports MLFLOW_EXPERIMENT_ID into os.environ: an id of this store must not follow
+    # the next test into another one
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
 
 
 @pytest.fixture(scope="session")

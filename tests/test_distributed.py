@@ -58,8 +58,8 @@ def test_two_processes_match_one_process(mlflow_store, tmp_path, tiny_source):
     assert two == pytest.approx(one, rel=LOSS_RTOL)
     assert single["losses"] == pytest.approx(one)
     # metrics of the global batch: the token count is both processes' tokens
-    tokens = client.get_run(single["run_id"]).data.metrics["num_tokens"]
-    assert run.data.metrics["num_tokens"] == tokens
+    tokens = client.get_run(single["run_id"]).data.metrics["train/num_tokens"]
+    assert run.data.metrics["train/num_tokens"] == tokens
 
     # one adapter: logged once (rank 0), with the weights one process trains
     logged = [f.path for f in client.list_artifacts(multi["run_id"], "adapter")]

@@ -25,11 +25,13 @@ GLOSSARY = "docs/metrics.md"
 
 def rounded(key: str, value: float) -> float:
     """The number a person reads: scores, percentages and percentage points (``score/*``, ``*_pp``, ``*_pct``)
-    to 0.01, whole numbers as they are, everything else to 4 significant digits (``5.555555555555554`` → ``5.56``)."""
+    to 0.01, whole numbers as they are, everything else to 4 significant digits (``5.555555555555554`` → ``5.56``).
+    Curves (``train/*``, ``monitor/*``) keep full precision: runs are compared point by point on them (a resumed
+    or multi-process run against a plain one agrees to ~1e-7, far below a 4th significant digit)."""
     import math
 
     value = float(value)
-    if not math.isfinite(value) or value == 0 or value.is_integer():
+    if not math.isfinite(value) or value == 0 or value.is_integer() or key.startswith(("train/", "monitor/")):
         return value
     if key.startswith("score/") or key.endswith(("_pp", "_pct")):
         return round(value, 2)
