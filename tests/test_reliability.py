@@ -799,12 +799,22 @@ def test_server_lock_under_basic_auth(auth_server, tmp_path, monkeypatch):
     has just deleted it); the lock must treat that as contention, not crash (it did: 1 in 12 team-mode commands)."""
     import mlflow
 
-    from peft_arena.tracking.locks import LOCK_MODEL_PREFIX
-
+    previous = mlflow.get_tracking_uri()  # the module's store: the tests after this one must find it again
     for k, v in auth_server.items():
         monkeypatch.setenv(k, v)
     monkeypatch.delenv("PEFT_ARENA_LOCK", raising=False)
     mlflow.set_tracking_uri(auth_server["MLFLOW_TRACKING_URI"])
+    try:
+        _lock_loops_against(auth_server, tmp_path)
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+def _lock_loops_against(auth_server: dict, tmp_path) -> None:
+    import mlflow
+
+    from peft_arena.tracking.locks import LOCK_MODEL_PREFIX
+
     n, times = 6, 20
     procs = [_spawn(f"""
         import os, time
