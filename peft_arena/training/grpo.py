@@ -47,7 +47,7 @@ from peft_arena.data.schema import rl_prompt_text
 from peft_arena.methods import BuildContext, MethodError, get_method
 from peft_arena.methods import ops
 from peft_arena.models import load_tokenizer, short_name
-from peft_arena.training import checkpoints, distributed, guards, precision
+from peft_arena.training import checkpoints, distributed, guards, lean, precision
 from peft_arena.training.rewards import completion_text, correctness_reward, format_reward
 
 COMPLETIONS_TABLE = "grpo/completions.json"
@@ -384,6 +384,7 @@ def train_grpo(model_source: str, tokenizer_source: str, method: str, method_opt
     ctx = BuildContext(defer_calibration=spec.needs_calibration, train="grpo", total_steps=recipe.max_steps,
                        seed=recipe.seed)
     model = spec.build(model, options, ctx)
+    lean.prepare(model, dtype, cuda)  # peft's adapter math without fp32 copies and full-size temporaries
     if recipe.beta and spec.rewrites_base:
         # TRL's KL reference is a copy of the adapter added through peft's add_adapter, which would run the
         # SVD init again on the already-residual base; the copy must start from the current weights instead.

@@ -27,7 +27,7 @@ from peft_arena.methods import ops
 from peft_arena.models import load_tokenizer, resolve_base
 from peft_arena.training import checkpoints, distributed, guards
 from peft_arena.training.monitor import attach_monitor
-from peft_arena.training import lean_adapters, precision
+from peft_arena.training import lean, precision
 
 
 def log_training_data(tracker, records: list[dict], source: str) -> None:
@@ -171,9 +171,7 @@ def train_sft(cfg: SFTConfig, tracker, output_dir: str | Path, *, base_model=Non
     ctx = BuildContext(defer_calibration=spec.needs_calibration and not structure_only, train="sft",
                        total_steps=total_steps, seed=cfg.seed, structure_only=structure_only)
     model = spec.build(model, options, ctx)  # on the GPU when there is one: SVD inits and calibration run there
-    lean_adapters.install()  # DoRA: B·A formed directly, fp32 norm (same math as peft)
-    if cuda and settings.dtype == torch.bfloat16:  # bf16 autocast casts adapter inputs for the matmuls
-        lean_adapters.disable_input_casting(model)
+    lean.prepare(model, settings.dtype, cuda)  # peft's adapter math without fp32 copies and full-size temporaries
     if settings.compile:
         precision.compile_layers(model)
     trainable, total = ops.count_parameters(model)
