@@ -1,6 +1,7 @@
 """Training options on the tiny model: padding-free packing, bf16 base with fp32 adapters, checkpointing, auto rules."""
 
 import pytest
+from unittest import mock
 import torch
 
 from peft_arena.training import precision
@@ -157,7 +158,12 @@ def test_lean_dora_matches_peft(tiny_source, dropout):
         if patched:
             lean.install()
         torch.manual_seed(0)  # the same dropout masks
-        results.append(_loss_and_grads(model, batch))
+        with mock.patch.object(dora, "weight_row_norm", wraps=dora.weight_row_norm) as norm, \
+                mock.patch.object(dora._DoraCombine, "apply", wraps=dora._DoraCombine.apply) as combine:
+            results.append(_loss_and_grads(model, batch))
+        # the lean path really ran: the Gram norm on every layer, the fused combination only without dropout
+        assert norm.call_count == (14 if patched else 0)
+        assert combine.call_count == (14 if patched and dropout == 0 else 0)
     (loss_peft, grad_peft), (loss_lean, grad_lean) = results
     assert loss_lean == pytest.approx(loss_peft, rel=1e-5)
     # fp32 rounding differs (the Gram norm sums in another order): compare at 1e-4 of the largest gradient

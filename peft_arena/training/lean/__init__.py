@@ -16,7 +16,6 @@ import torch
 
 from peft_arena.training.lean import dora
 
-_INSTALLED = False
 _MODULES = (dora,)
 
 
@@ -33,13 +32,9 @@ def disable_input_casting(model) -> int:
 
 
 def install() -> None:
-    """Patch peft's forwards with the lean ones (once per process)."""
-    global _INSTALLED
-    if _INSTALLED:
-        return
+    """Patch peft's forwards with the lean ones (idempotent: each module keeps peft's original once)."""
     for module in _MODULES:
         module.install()
-    _INSTALLED = True
 
 
 def prepare(model, dtype: torch.dtype, cuda: bool) -> None:
