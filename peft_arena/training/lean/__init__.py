@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from peft_arena.training.lean import dora
+from peft_arena.training.lean import dora, ia3, vera
 
-_MODULES = (dora,)
+_MODULES = (dora, vera, ia3)
 
 
 def disable_input_casting(model) -> int:
