@@ -17,13 +17,22 @@ The paper's code offers no BOFT; like ``oft`` it keeps peft's defaults otherwise
 Other divisor-safe settings for these models: block_size 4/8/16/32 with m ≤ 4 (block_size·2^(m−1) ≤ 128 divides
 3584 = 2⁹·7, 18944 = 2⁸·74 and 3072 = 2¹⁰·3).
 
-peft's memory caveat, worth knowing before a 7B run: each adapted layer holds its butterfly permutations as a dense
-m×in×in float buffer, about 97 GB in fp32 for all-linear Qwen2.5-7B at m=2 (≈3 GB per down_proj).
+peft's own BOFT would not train a 7B model: each adapted layer holds its butterfly permutations as a dense
+m×in×in float buffer (about 97 GB in fp32 for all-linear Qwen2.5-7B at m=2, filled one Python assignment per
+feature) and every forward multiplies dense in×in matrices (in³ flops per factor, 18944³ for ``down_proj``). Here
+layers are built and loaded inside :func:`peft_boft_layers`: no dense permutation buffer is allocated, and
+:mod:`peft_arena.training.lean.boft` replaces peft's Linear forward and ``get_delta_weight`` with the same math on
+index permutations (the rotation is block-diagonal with blocks of block_size·2^(m−1); the activations are rotated
+by one batched block product). The adapter's parameters, initialisation and saved file are peft's, so peft loads
+it; merging (promote, spectral) goes through peft's merge with a dense in×in rotation assembled from the blocks,
+one layer at a time (1.4 GB fp32 for ``down_proj`` at 7B). Training keeps one bf16 T×out tensor per adapted
+linear for the gradient of the output scale s (as DoRA does).
 
 The butterfly factors need a block-diagonal kernel. peft ships it as a CUDA extension compiled at first use and,
 when that compilation fails (always on CPU), silently drops to m=1, i.e. plain OFT. Here peft's kernel slot holds
 :class:`TorchBlockDiag`, the same operation in plain PyTorch (any device, exact, differentiable), so BOFT is BOFT
-everywhere; the builder also checks every layer got the requested factors and block size.
+everywhere (peft looks for the kernel when it builds a layer; the lean forward does not need it); the builder also
+checks every layer got the requested factors and block size.
 """
 
 from __future__ import annotations
@@ -64,30 +73,79 @@ def install_block_diag_kernel() -> None:
     """Fill peft's kernel slot unless a compiled extension already sits there (then peft uses it as usual).
 
     Needed before peft creates BOFT layers: when building (here) and when loading a saved BOFT adapter
-    (``ops.load_trained``), else peft would build them with one butterfly factor and the weights would not fit."""
+    (``ops.load_trained``), else peft would build them with one butterfly factor and the weights would not fit
+    (:func:`peft_boft_layers` does it)."""
     from peft.tuners.boft import layer as boft_layer
 
     if boft_layer._FBD_CUDA is None:
         boft_layer._FBD_CUDA = TorchBlockDiag()
 
 
-@contextlib.contextmanager
-def _shapes_only_permutations():
-    """For meta-device builds (parameter counts): peft computes the butterfly permutations with ``.item()`` calls
-    that meta tensors cannot answer. They fill a non-persistent buffer, not a parameter, so an unfilled buffer of
-    the right shape leaves every count unchanged; peft's own divisibility checks still run before."""
-    from peft.tuners.boft import BOFTLayer
+class _TorchWithoutPermutationStack:
+    """peft's BOFT layer file sees this as ``torch`` while layers are built: the dense (m, in, in) permutation stack
+    ``boft_P`` becomes (m, 0, 0); everything else is torch itself."""
 
-    with mock.patch.object(BOFTLayer, "block_butterfly_perm", lambda self, n, *args, **kwargs: torch.arange(n)), \
-            mock.patch.object(BOFTLayer, "perm2mat", lambda self, indices: torch.empty(len(indices), len(indices))):
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def empty(*args, **kwargs):
+        if len(args) == 1 and not kwargs and isinstance(args[0], tuple) and len(args[0]) == 3 \
+                and args[0][1] == args[0][2]:
+            return torch.empty((args[0][0], 0, 0))
+        return torch.empty(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def peft_boft_layers():
+    """peft builds (or loads) BOFT layers inside this: BOFT as BOFT (the block-diagonal kernel), the lean forward
+    and merge of :mod:`peft_arena.training.lean.boft` installed, and no dense permutation matrices.
+
+    peft fills a dense m×in×in float buffer per layer (``perm2mat``, one Python assignment per feature), ~97 GB
+    for all-linear Qwen2.5-7B at m=2; the lean methods use index permutations computed from the layer's shape, so
+    that buffer is neither allocated nor filled; :func:`drop_permutation_stacks` removes its empty stand-in after.
+    """
+    from peft.tuners.boft import BOFTLayer
+    from peft.tuners.boft import layer as boft_layer
+
+    from peft_arena.training.lean import boft as lean_boft
+
+    install_block_diag_kernel()
+    lean_boft.install()
+    with mock.patch.object(boft_layer, "torch", _TorchWithoutPermutationStack()), \
+            mock.patch.object(BOFTLayer, "block_butterfly_perm", lambda self, n, *args, **kwargs: None), \
+            mock.patch.object(BOFTLayer, "perm2mat", lambda self, indices: torch.empty(0, 0)):
         yield
+
+
+def drop_permutation_stacks(model) -> int:
+    """Remove the empty ``boft_P`` stand-ins left by :func:`peft_boft_layers`; returns the layers seen.
+
+    Raises if a layer holds a dense stack (peft changed how it builds it) or is not a linear layer (the lean
+    forward covers ``boft.layer.Linear``; peft's Conv2d forward needs the dense stack)."""
+    from peft.tuners.boft import BOFTLayer
+    from peft.tuners.boft.layer import Linear
+
+    n = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, BOFTLayer):
+            continue
+        if not isinstance(module, Linear):
+            raise MethodError(f"boft: {name} is a {type(module).__name__}; the arena's BOFT adapts linear layers "
+                              "only (choose linear target_modules)")
+        stack = module._buffers.get("boft_P")
+        if stack is not None and stack.numel():
+            raise MethodError(f"boft: {name} holds a dense permutation stack of {tuple(stack.shape)}: this peft "
+                              "version builds BOFT layers differently than peft_arena.methods.boft expects")
+        module._buffers.pop("boft_P", None)
+        n += 1
+    return n
 
 
 def build_boft(model, options: dict, ctx: BuildContext):
     from peft import BOFTConfig, TaskType
     from peft.tuners.boft import BOFTLayer
 
-    install_block_diag_kernel()
     block, factors = options["block_size"], options["n_butterfly_factor"]
     if block < 1 or factors < 1:
         raise MethodError(f"boft: block_size ({block}) and n_butterfly_factor ({factors}) must be positive")
@@ -100,7 +158,7 @@ def build_boft(model, options: dict, ctx: BuildContext):
         bias="none",
     )
     try:
-        with _shapes_only_permutations() if ctx.structure_only else contextlib.nullcontext():
+        with peft_boft_layers():  # also on the meta device (parameter counts): no permutation is computed
             peft_model = wrap(model, config)
     except MethodError:  # e.g. the model already carries an adapter: that message is the right one
         raise
@@ -108,6 +166,7 @@ def build_boft(model, options: dict, ctx: BuildContext):
         raise MethodError(f"boft: block_size {block} with n_butterfly_factor {factors} does not fit this model "
                           f"({err}); every adapted input size must be divisible by block_size·2^(factors−1) = "
                           f"{block * 2 ** (factors - 1)}") from None
+    drop_permutation_stacks(peft_model)
     for name, module in peft_model.named_modules():
         if isinstance(module, BOFTLayer):
             got = tuple(module.boft_R["default"].shape[i] for i in (0, 2))

@@ -148,10 +148,13 @@ def load_trained(base_source_or_model, trained_dir: str | Path, dtype: str = "fl
         base = load_model(str(base), dtype=dtype)
     if isinstance(base, PeftModel):
         raise MethodError("load_trained needs a plain base model, not one that already carries an adapter")
-    if record["method"] == "boft":
-        from peft_arena.methods.boft import install_block_diag_kernel
+    if record["method"] == "boft":  # BOFT's factors, lean forward and merge, no dense permutation matrices
+        from peft_arena.methods.boft import drop_permutation_stacks, peft_boft_layers
 
-        install_block_diag_kernel()  # else peft rebuilds the layers with one butterfly factor
+        with peft_boft_layers():
+            model = _load_complete(PeftModel, base, trained_dir)
+        drop_permutation_stacks(model)
+        return model
     return _load_complete(PeftModel, base, trained_dir)
 
 

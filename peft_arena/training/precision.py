@@ -79,10 +79,11 @@ def resolve_compile(mode: str, cuda: bool) -> bool:
 # Activation bytes kept for backward per token and decoder layer, in units of the weight dtype's size, for the
 # matmul inputs/outputs, norms, attention and SwiGLU of a Llama/Qwen block (measured on the H200 at 7B:
 # ~0.27 MiB per token-layer in bf16 without checkpointing). DoRA also keeps one full-width bf16 tensor per adapted
-# linear for backward (the LoRA branch's output); the lean VeRA keeps T×r only (training/lean/vera.py).
+# linear for backward (the LoRA branch's output), BOFT its unscaled output (for the gradient of its scale); the lean
+# VeRA keeps T×r only (training/lean/vera.py).
 _BLOCK_HIDDEN_UNITS = 12
 _BLOCK_INTER_UNITS = 5
-_METHOD_EXTRA_OUT_BYTES = {"dora": 2}  # bytes per output feature of each adapted linear
+_METHOD_EXTRA_OUT_BYTES = {"dora": 2, "boft": 2}  # bytes per output feature of each adapted linear
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from peft_arena.training.lean import dora, ia3, vera
+from peft_arena.training.lean import boft, dora, ia3, vera
 
-_MODULES = (dora, vera, ia3)
+_MODULES = (dora, vera, ia3, boft)
 
 
 def disable_input_casting(model) -> int:

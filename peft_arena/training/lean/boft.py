@@ -1,0 +1,258 @@
+"""BOFT (Liu et al. 2024) without dense permutation matrices: the same math as peft's ``boft.layer.Linear``.
+
+peft's BOFT forward, per adapted linear and per step, builds the rotation as dense in×in matrices: each butterfly
+factor ``P_i·blockdiag(Q_i)·P_iᵀ`` by two bmm's with the layer's dense permutation stack ``boft_P`` (m×in×in,
+≈3 GB in fp32 for a 7B ``down_proj``, copied to the activations' device and dtype on every call), the product of
+the factors (in³ flops each: 18944³ for ``down_proj``), then ``x @ R`` (T·in² flops) and a T×out fp32 scaling.
+
+Here the permutations are index vectors (peft's ``block_butterfly_perm``, computed in closed form and cached per
+shape) and never a matrix:
+
+* every factor mixes inputs only inside aligned chunks of ``block_size·2^i`` features, so the whole rotation
+  R = B_m···B_1 is block-diagonal with blocks of L = block_size·2^(m−1) (16 at the defaults). Its D' = in/L blocks
+  are computed exactly by pushing an L×in matrix holding one identity per chunk through the factors (gathers and
+  b×b block products: L·in·b flops per factor, plain autograd back to the Cayley blocks of peft's
+  ``cayley_batch``, peft's multiplicative dropout applied to them as peft does);
+* the activations are rotated by one batched product with those blocks (``x_d·R_d`` per chunk d: T·in·L flops, one
+  pass over T×in), by :class:`_BlockRotate`, whose backward gives dx and the blocks' gradient as two more batched
+  products. Blocks are grouped into block-diagonal ``GROUP_WIDTH``-wide tiles (exact zeros elsewhere) so that each
+  row segment the GEMM reads is at least 128 bytes in bf16; the extra flops are free in a memory-bound product;
+* the base matmul runs without its bias, and ``y = s ⊙ z + bias`` (peft: ``(base(x_rot) − bias)·s + bias``) is
+  written in the activations' dtype by :class:`_ScaleShift` (s as s − 1 in that dtype, fp32 arithmetic inside
+  the kernel), which keeps the T×out product ``z`` for the gradient of ``s``.
+
+``get_delta_weight`` (peft's merge and unmerge call it) returns the dense in×in rotation assembled from the same
+blocks, so merging needs one in×in matrix per layer at a time (1.4 GB fp32 for ``down_proj`` at 7B) instead of the
+permutation stack and its in³ products. In fp32 everything here computes what peft computes (tests compare the
+loss, every gradient and the merged weights). Conv2d layers keep peft's forward.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+GROUP_WIDTH = 64  # features per rotation tile of the activation GEMM (a multiple of the butterfly block L)
+
+_ORIGINAL: dict = {}
+
+
+@functools.lru_cache(maxsize=None)
+def butterfly_perm(n: int, block_num: int, block_size: int, n_factors: int, i: int) -> torch.Tensor:
+    """peft's ``block_butterfly_perm(n, block_num // 2**i, block_size // 2, n_factors − 1)`` in closed form.
+
+    peft reorders, inside each chunk of ``n / (block_num / 2^i) = block_size·2^i`` features, the groups of
+    ``block_size / 2`` features: even groups first, then odd ones; i.e. a chunk viewed as (2^i, 2, block_size/2)
+    read in (2, 2^i, block_size/2) order. One factor (plain OFT) has the identity.
+    """
+    if n_factors == 1:
+        return torch.arange(n)
+    chunks, half = int(block_num / 2 ** i), int(block_size / 2)
+    pairs = (n // chunks) // (2 * half)
+    if chunks * pairs * 2 * half != n:
+        raise ValueError(f"BOFT shape n={n}, block_num={block_num}, block_size={block_size}, factor {i} is not a "
+                         "butterfly peft builds")
+    return torch.arange(n).view(chunks, pairs, 2, half).permute(0, 2, 1, 3).reshape(n)
+
+
+@functools.lru_cache(maxsize=None)
+def _gathers(n: int, block_num: int, block_size: int, n_factors: int, device: torch.device) -> tuple:
+    """Per factor (perm, inverse perm) on ``device``, or None where peft's permutation is the identity."""
+    out = []
+    for i in range(n_factors):
+        perm = butterfly_perm(n, block_num, block_size, n_factors, i)
+        if torch.equal(perm, torch.arange(n)):
+            out.append(None)
+        else:
+            out.append((perm.to(device), torch.argsort(perm).to(device)))
+    return tuple(out)
+
+
+def cayley_batch(data: torch.Tensor) -> torch.Tensor:
+    """peft's ``BOFTLayer.cayley_batch``, Q = (I − S)(I + S)⁻¹ with S = (R − Rᵀ)/2, through ``solve_ex``.
+
+    ``torch.linalg.solve`` copies its error flag to the host to raise on a singular matrix: a device sync per layer
+    and step. I + S is never singular for a real skew-symmetric S (its eigenvalues are 1 + iλ), so the check is
+    skipped; the arithmetic is the same LU solve."""
+    b, r, c = data.shape
+    skew_mat = 0.5 * (data - data.transpose(1, 2))
+    id_mat = torch.eye(r, device=data.device).unsqueeze(0).expand(b, r, c)
+    q, _ = torch.linalg.solve_ex(id_mat + skew_mat, id_mat - skew_mat, left=False, check_errors=False)
+    return q.to(data.dtype)
+
+
+def rotation_blocks(module, adapter: str, dropout: bool = True) -> torch.Tensor:
+    """R's diagonal blocks, (in / L, L, L), in the adapter's dtype: block d is R[dL:(d+1)L, dL:(d+1)L].
+
+    R = M_{m−1}···M_0 with M_i = P_i·blockdiag(Q_i)·P_iᵀ as peft builds it (x_rot = x @ R), Q = peft's Cayley
+    transform of ``boft_R`` (:func:`cayley_batch`; then ``boft_dropout`` when ``dropout``). Differentiable."""
+    boft_R = module.boft_R[adapter]
+    m, d, h, _ = boft_R.shape
+    q = cayley_batch(boft_R.view(m * d, h, h)).view(m, d, h, h)
+    if dropout:
+        q = module.boft_dropout[adapter](q)
+    n, width = d * h, h * 2 ** (m - 1)
+    gathers = _gathers(n, d, h, m, q.device)
+    # one identity per chunk of `width` features: y = X0 @ R holds R's diagonal blocks side by side
+    y = torch.eye(width, device=q.device, dtype=q.dtype).repeat(1, n // width)
+    for i in reversed(range(m)):  # x @ M_{m-1} first, as peft's x @ (M_{m-1}···M_0)
+        if gathers[i] is not None:
+            y = y[:, gathers[i][1]]  # @ P_i: column j takes column perm⁻¹[j]
+        y = torch.einsum("ldh,dhk->ldk", y.reshape(width, d, h), q[i]).reshape(width, n)
+        if gathers[i] is not None:
+            y = y[:, gathers[i][0]]  # @ P_iᵀ: column j takes column perm[j]
+    return y.view(width, n // width, width).transpose(0, 1)
+
+
+def _tile(blocks: torch.Tensor, group: int) -> torch.Tensor:
+    """(D, L, L) blocks -> (D / group, group·L, group·L) block-diagonal tiles (zeros off the diagonal blocks)."""
+    d, size, _ = blocks.shape
+    if group == 1:
+        return blocks
+    tiles = blocks.new_zeros(d // group, group, size, group, size)
+    tiles.diagonal(dim1=1, dim2=3).copy_(blocks.view(d // group, group, size, size).permute(0, 2, 3, 1))
+    return tiles.view(d // group, group * size, group * size)
+
+
+def _group(n: int, size: int) -> int:
+    group = 1
+    while group * size < GROUP_WIDTH and n % (2 * group * size) == 0:
+        group *= 2
+    return group
+
+
+class _BlockRotate(torch.autograd.Function):
+    """x_rot[..., dL:(d+1)L] = x[..., dL:(d+1)L] @ blocks[d], in x's dtype (no copy of x in either direction)."""
+
+    @staticmethod
+    def forward(ctx, x, blocks):
+        n = x.shape[-1]
+        d, size, _ = blocks.shape
+        group = _group(n, size)
+        tiles = _tile(blocks.to(x.dtype), group)
+        width = group * size
+        x2 = x.reshape(-1, n)
+        out = torch.empty_like(x2)
+        t = x2.shape[0]
+        torch.bmm(x2.view(t, n // width, width).transpose(0, 1), tiles,
+                  out=out.view(t, n // width, width).transpose(0, 1))
+        ctx.save_for_backward(x2, tiles)
+        ctx.group, ctx.blocks_dtype, ctx.shape = group, blocks.dtype, x.shape
+        return out.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, tiles = ctx.saved_tensors
+        t, n = x2.shape
+        width = tiles.shape[-1]
+        g2 = grad.reshape(t, n).to(x2.dtype)
+        gv = g2.view(t, n // width, width).transpose(0, 1)
+        dx = d_blocks = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.empty_like(g2)
+            torch.bmm(gv, tiles.transpose(1, 2), out=dx.view(t, n // width, width).transpose(0, 1))
+            dx = dx.view(ctx.shape)
+        if ctx.needs_input_grad[1]:
+            d_tiles = torch.bmm(x2.view(t, n // width, width).permute(1, 2, 0), gv)  # Σ_t x_tᵀ·g_t per tile
+            group, size = ctx.group, width // ctx.group
+            d_blocks = d_tiles.view(-1, group, size, group, size).diagonal(dim1=1, dim2=3)  # (D/g, L, L, g)
+            d_blocks = d_blocks.permute(0, 3, 1, 2).reshape(-1, size, size).to(ctx.blocks_dtype)
+        return dx, d_blocks
+
+
+class _ScaleShift(torch.autograd.Function):
+    """y = z ⊙ s + bias in z's dtype; keeps z for the gradient of s.
+
+    s stays near 1, so it enters as δ = s − 1 in z's dtype: ``addcmul(z, z, δ)`` is z·s in one vectorised kernel
+    (fp32 arithmetic inside) and δ in bf16 keeps s's small updates; a mixed bf16 × fp32 elementwise op would run
+    PyTorch's slow casting kernel instead (the lead measured 5× for DoRA's on an H200)."""
+
+    @staticmethod
+    def forward(ctx, z, s, bias):
+        delta = (s.detach() - 1).to(z.dtype)
+        out = torch.addcmul(z, z, delta)
+        if bias is not None:
+            out.add_(bias.detach().to(z.dtype))
+        ctx.save_for_backward(z, delta)
+        ctx.has_bias, ctx.s_dtype = bias is not None, s.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):
+        z, delta = ctx.saved_tensors
+        dims = tuple(range(dy.ndim - 1))
+        dz = torch.addcmul(dy, dy, delta) if ctx.needs_input_grad[0] else None
+        ds = torch.mul(dy, z).sum(dim=dims, dtype=torch.float32).to(ctx.s_dtype) if ctx.needs_input_grad[1] else None
+        db = dy.sum(dim=dims, dtype=torch.float32) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return dz, ds, db
+
+
+def _plain_linear(base) -> bool:
+    weight = getattr(base, "weight", None)
+    return (isinstance(base, nn.Linear) and weight is not None and weight.ndim == 2
+            and type(weight) in (torch.Tensor, nn.Parameter) and weight.dtype.is_floating_point)
+
+
+def _forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """peft's ``boft.layer.Linear.forward`` with block rotations of the activations instead of dense matrices."""
+    previous_dtype = x.dtype
+    if self.disable_adapters:
+        if self.merged:
+            self.unmerge()
+        return self.base_layer(x, *args, **kwargs).to(previous_dtype)
+    if self.merged:
+        return self.base_layer(x, *args, **kwargs).to(previous_dtype)
+    active = [a for a in self.active_adapters if a in self.boft_R.keys()]
+    scale = None
+    # peft: rotation = M_ak···M_a1 (later adapters on the left), x @ rotation: the last adapter rotates x first
+    for adapter in reversed(active):
+        x = _BlockRotate.apply(x, rotation_blocks(self, adapter))
+    for adapter in active:
+        s = self.boft_s[adapter].view(-1)
+        scale = s if scale is None else s * scale
+    base = self.get_base_layer()
+    bias = getattr(base, "bias", None)
+    if _plain_linear(base):
+        z = F.linear(x, base.weight)
+    else:  # e.g. a quantised base: its own forward, then peft's bias handling
+        z = self.base_layer(x, *args, **kwargs)
+        if bias is not None:
+            z = z - bias
+    if scale is None:
+        result = z if bias is None else z + bias
+    else:
+        result = _ScaleShift.apply(z, scale, bias)
+    return result.to(previous_dtype)
+
+
+def _get_delta_weight(self, adapter) -> tuple[torch.Tensor, torch.Tensor]:
+    """peft's (dense rotation, scale), the rotation assembled from its diagonal blocks (no permutation matrices)."""
+    blocks = rotation_blocks(self, adapter, dropout=False)
+    count, size, _ = blocks.shape
+    dense = blocks.new_zeros(count, size, count, size)
+    dense.diagonal(dim1=0, dim2=2).copy_(blocks.permute(1, 2, 0))  # differentiable (autograd's CopySlices)
+    return dense.view(count * size, count * size), self.boft_s[adapter]
+
+
+def install() -> None:
+    """Patch peft's BOFT Linear forward and ``get_delta_weight`` (``_ORIGINAL`` keeps peft's, for tests)."""
+    from peft.tuners.boft.layer import Linear
+
+    if "forward" not in _ORIGINAL:
+        _ORIGINAL["forward"] = Linear.forward
+        _ORIGINAL["get_delta_weight"] = Linear.get_delta_weight
+    Linear.forward = _forward
+    Linear.get_delta_weight = _get_delta_weight
+
+
+def uninstall() -> None:
+    """peft's methods back (tests). Layers built by the arena's builder hold no ``boft_P``: peft's forward fails
+    loudly on them (AttributeError) until :func:`install` runs again."""
+    from peft.tuners.boft.layer import Linear
+
+    if "forward" in _ORIGINAL:
+        Linear.forward = _ORIGINAL["forward"]
+        Linear.get_delta_weight = _ORIGINAL["get_delta_weight"]

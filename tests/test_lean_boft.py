@@ -1,0 +1,214 @@
+"""Lean BOFT (peft_arena/training/lean/boft.py) against peft's own BOFT in fp32: permutations, loss, every gradient,
+merge; and the arena's builder/loader never allocate peft's dense permutation stack, yet save what peft loads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peft_arena.methods import BuildContext, ops
+from peft_arena.methods.boft import install_block_diag_kernel
+from peft_arena.models import ensure_tiny, load_model
+from peft_arena.training.lean import boft as lean_boft
+
+BATCH = {"input_ids": torch.tensor([[5, 17, 99, 240, 7, 31, 3, 64]]),
+         "labels": torch.tensor([[5, 17, 99, 240, 7, 31, 3, 64]])}
+
+
+@pytest.fixture(autouse=True)
+def _lean_installed_after():
+    yield
+    lean_boft.install()  # the state the arena's builder leaves (other tests build BOFT through it)
+
+
+def _peft_boft(model, **config):
+    """A BOFT model built by peft itself (dense permutation stack), with the block-diagonal kernel in its slot."""
+    from peft import BOFTConfig, get_peft_model
+
+    install_block_diag_kernel()
+    return get_peft_model(model, BOFTConfig(**config))
+
+
+def _perturb(model, scale=0.1):
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * scale)
+
+
+def _grads(model):
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+
+
+def _peft_then_lean(model, run):
+    """``run(model)`` with peft's BOFT forward, then with the lean one."""
+    out = []
+    for patched in (False, True):
+        lean_boft.uninstall()
+        if patched:
+            lean_boft.install()
+        model.zero_grad()
+        torch.manual_seed(0)  # the same multiplicative-dropout draws
+        out.append(run(model))
+    return out
+
+
+def _close(lean, ref, rel=1e-4):
+    assert torch.allclose(lean, ref, rtol=rel, atol=rel * ref.abs().max().item()), (lean - ref).abs().max()
+
+
+@pytest.mark.parametrize("n,blocks,size,factors", [(64, 8, 8, 2), (128, 16, 8, 2), (256, 16, 16, 3),
+                                                   (512, 128, 4, 4), (96, 12, 8, 3), (3584, 448, 8, 2),
+                                                   (64, 8, 8, 1)])
+def test_butterfly_permutations_are_pefts(n, blocks, size, factors):
+    from peft.tuners.boft.layer import BOFTLayer
+
+    layer = BOFTLayer.__new__(BOFTLayer)
+    for i in range(factors):
+        ref = BOFTLayer.block_butterfly_perm(layer, n, int(blocks / 2 ** i), int(size / 2), factors - 1)
+        assert torch.equal(lean_boft.butterfly_perm(n, blocks, size, factors, i), ref)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_lean_boft_matches_peft_on_the_tiny_model(tiny_source, dropout):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_source, dtype=torch.float32)
+    model = _peft_boft(base, boft_block_size=8, boft_n_butterfly_factor=2, boft_dropout=dropout,
+                       target_modules="all-linear")
+    _perturb(model)
+    model.train()
+
+    def loss_and_grads(m):
+        loss = m(**BATCH, use_cache=False).loss
+        loss.backward()
+        return loss.detach(), _grads(m)
+
+    (loss_peft, grad_peft), (loss_lean, grad_lean) = _peft_then_lean(model, loss_and_grads)
+    assert loss_lean.item() == pytest.approx(loss_peft.item(), rel=1e-5)
+    _close(grad_lean, grad_peft)
+    assert (grad_peft != 0).float().mean() > 0.5  # the R and s gradients are there
+
+
+@pytest.mark.parametrize("size,factors,bias", [(8, 2, True), (4, 3, False), (8, 1, True), (16, 2, True)])
+def test_lean_boft_matches_peft_on_a_linear_stack(size, factors, bias):
+    """Biased and unbiased linears, several factor counts (m=1 is OFT), two adapters active at once."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(128, 96, bias=bias), torch.nn.Tanh(), torch.nn.Linear(96, 64))
+    model = _peft_boft(net, boft_block_size=size, boft_n_butterfly_factor=factors, target_modules=["0", "2"],
+                       init_weights=False)
+    x = torch.randn(3, 5, 128)
+    weights = torch.linspace(-1, 1, 64)
+
+    def out_and_grads(m):
+        y = m(x)
+        (y * weights).sum().backward()
+        return y.detach(), _grads(m)
+
+    (y_peft, g_peft), (y_lean, g_lean) = _peft_then_lean(model, out_and_grads)
+    _close(y_lean, y_peft, 1e-5)
+    _close(g_lean, g_peft)
+
+    # merge / unmerge go through get_delta_weight: the same dense rotation and the same merged weights
+    layer = model.base_model.model[0]
+    (r_peft, s_peft), (r_lean, s_lean) = _peft_then_lean(model, lambda m: layer.get_delta_weight("default"))
+    _close(r_lean.detach(), r_peft.detach(), 1e-6)
+    assert torch.allclose(r_lean @ r_lean.T, torch.eye(128), atol=1e-5)
+
+    # two adapters active together: peft composes rotations and scales
+    from peft import BOFTConfig
+
+    model.add_adapter("second", BOFTConfig(boft_block_size=size, boft_n_butterfly_factor=factors,
+                                           target_modules=["0", "2"], init_weights=False))
+    model.base_model.set_adapter(["default", "second"])
+    (y_peft, g_peft), (y_lean, g_lean) = _peft_then_lean(model, out_and_grads)
+    _close(y_lean, y_peft, 1e-5)
+    _close(g_lean, g_peft)
+
+
+def test_lean_boft_runs_in_bf16_under_autocast():
+    """The trainers' setting in miniature: bf16 activations and base, fp32 adapter, autocast; close to fp32."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(128, 64, bias=True))
+    model = _peft_boft(net, boft_block_size=8, boft_n_butterfly_factor=2, target_modules=["0"], init_weights=False)
+    lean_boft.install()
+    x = torch.randn(2, 7, 128)
+    ref = model(x)
+    (ref * torch.linspace(-1, 1, 64)).sum().backward()
+    ref_grad = _grads(model)
+    model.zero_grad()
+    model.base_model.model[0].base_layer.to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x.to(torch.bfloat16))
+        (y.float() * torch.linspace(-1, 1, 64)).sum().backward()
+    assert y.dtype == torch.bfloat16
+    assert all(p.grad.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    assert (y.float() - ref).abs().max() < 0.05 * ref.abs().max()
+    assert torch.allclose(_grads(model), ref_grad, atol=0.05 * ref_grad.abs().max().item())
+
+
+def test_builder_allocates_no_dense_permutations_and_peft_loads_what_it_saves(tmp_path, monkeypatch):
+    from peft import PeftModel
+
+    source = str(ensure_tiny())
+    big = []
+    real_empty = torch.empty
+
+    def recording_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if t.numel() >= 64 * 64 and t.dtype == torch.float32:
+            big.append(tuple(t.shape))
+        return t
+
+    torch.manual_seed(0)
+    base = load_model(source)
+    monkeypatch.setattr(torch, "empty", recording_empty)
+    model, options = ops.build(base, "boft", None, BuildContext())
+    monkeypatch.setattr(torch, "empty", real_empty)
+    assert not [s for s in big if len(s) == 3], big  # peft's (m, in, in) stack was never allocated
+    layers = [m for m in model.modules() if type(m).__name__ == "Linear" and hasattr(m, "boft_R")]
+    assert len(layers) == 2 * 7 and not any("boft_P" in m._buffers for m in layers)
+
+    # train with the lean path, save, reload through plain peft (dense stack, peft's forward) and through ours
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(2):
+        model(**BATCH).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        trained = model(**BATCH).logits
+    out = ops.save_trained(model, "boft", options, tmp_path / "art", base_model="tiny", base_source=source)
+
+    ours = ops.load_trained(None, out)
+    lean_boft.uninstall()
+    install_block_diag_kernel()
+    theirs = PeftModel.from_pretrained(load_model(source), str(out))
+    assert theirs.base_model.model.model.layers[0].mlp.down_proj.boft_P.shape == (2, 128, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(**BATCH).logits, trained, atol=2e-5, rtol=1e-4)
+        merged_theirs = theirs.merge_and_unload().state_dict()
+    lean_boft.install()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**BATCH).logits, trained, atol=2e-5, rtol=1e-4)
+    merged_ours = ops.merge(ours).state_dict()
+    assert merged_ours.keys() == merged_theirs.keys()
+    for key, value in merged_theirs.items():
+        torch.testing.assert_close(merged_ours[key], value, atol=1e-6, rtol=1e-5)
+
+
+def test_cayley_without_the_sync_is_pefts():
+    from peft.tuners.boft.layer import BOFTLayer
+
+    torch.manual_seed(0)
+    data = torch.randn(12, 8, 8, requires_grad=True)
+    ref = BOFTLayer.cayley_batch(None, data)
+    ours = lean_boft.cayley_batch(data)
+    assert torch.equal(ours, ref)
+    torch.testing.assert_close(ours @ ours.transpose(1, 2), torch.eye(8).expand(12, 8, 8), atol=1e-5, rtol=0)
+    (g_ref,) = torch.autograd.grad((ref * torch.arange(64.).view(8, 8)).sum(), data)
+    (g_ours,) = torch.autograd.grad((ours * torch.arange(64.).view(8, 8)).sum(), data)
+    torch.testing.assert_close(g_ours, g_ref)
