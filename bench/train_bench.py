@@ -52,7 +52,7 @@ def method_overrides(method: str) -> dict:
     if "r" in defaults and "alpha" in defaults:
         out.update({"method.r": 16, "method.alpha": 32})
     if method == "adalora":
-        out.update({"method.init_r": 16})
+        out.update({"method.init_r": 16, "method.r": 8})  # 16 triplets per layer, pruned to 8 on average
     for key in ("dropout",):
         if key in defaults:
             out[f"method.{key}"] = 0.0

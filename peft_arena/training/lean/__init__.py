@@ -4,7 +4,8 @@ the fp32 copies and the full-size temporaries that peft's generic forwards make.
 * Every peft tuner layer casts its input to the adapter's dtype: on a bf16 base with fp32 adapters that is a T×in
   fp32 copy per adapted linear, which autocast then casts back to bf16 for the matmul.
   :func:`disable_input_casting` turns that off (autocast still runs the adapter matmuls in bf16).
-* :func:`install` swaps in the per-method forwards (each file says what it changes and why it is the same math).
+* :func:`install` swaps in the per-method forwards (each file says what it changes and why it is the same math),
+  and AdaLoRA's rank allocator without per-tensor loops and host-device synchronisations.
   Layers a lean forward does not cover (quantised, fan-in-fan-out, conv) keep peft's forward.
 
 :func:`prepare` is what the trainers call after building the adapter.
@@ -14,9 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from peft_arena.training.lean import boft, dora, ia3, vera
+from peft_arena.training.lean import adalora, boft, dora, ia3, vera
 
-_MODULES = (dora, vera, ia3, boft)
+_MODULES = (dora, vera, ia3, boft, adalora)
 
 
 def disable_input_casting(model) -> int:
