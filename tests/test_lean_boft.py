@@ -41,16 +41,22 @@ def _grads(model):
     return torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
 
 
-def _peft_then_lean(model, run):
-    """``run(model)`` with peft's BOFT forward, then with the lean one."""
+def _peft_then_lean(model, run, calls=None):
+    """``run(model)`` with peft's BOFT forward, then with the lean one, which must really run (``calls`` times,
+    default: once per BOFT layer at least)."""
+    from unittest import mock
+
     out = []
+    calls = calls or sum(1 for m in model.modules() if hasattr(m, "boft_R"))
     for patched in (False, True):
         lean_boft.uninstall()
         if patched:
             lean_boft.install()
         model.zero_grad()
         torch.manual_seed(0)  # the same multiplicative-dropout draws
-        out.append(run(model))
+        with mock.patch.object(lean_boft, "rotation_blocks", wraps=lean_boft.rotation_blocks) as spy:
+            out.append(run(model))
+        assert spy.call_count >= calls if patched else spy.call_count == 0
     return out
 
 
@@ -113,9 +119,28 @@ def test_lean_boft_matches_peft_on_a_linear_stack(size, factors, bias):
 
     # merge / unmerge go through get_delta_weight: the same dense rotation and the same merged weights
     layer = model.base_model.model[0]
-    (r_peft, s_peft), (r_lean, s_lean) = _peft_then_lean(model, lambda m: layer.get_delta_weight("default"))
+    (r_peft, s_peft), (r_lean, s_lean) = _peft_then_lean(model, lambda m: layer.get_delta_weight("default"), 1)
     _close(r_lean.detach(), r_peft.detach(), 1e-6)
     assert torch.allclose(r_lean @ r_lean.T, torch.eye(128), atol=1e-5)
+
+    # peft's merge and unmerge (TRL merges and unmerges at every vLLM weight sync): the same weights both ways
+    def merged_then_unmerged(m):
+        base = layer.get_base_layer().weight
+        original = base.detach().clone()
+        layer.merge(safe_merge=True)
+        merged = base.detach().clone()
+        layer.unmerge()
+        restored = base.detach().clone()
+        base.data = original
+        return merged, restored
+
+    with torch.no_grad():
+        before = layer.get_base_layer().weight.detach().clone()
+        (m_peft, u_peft), (m_lean, u_lean) = _peft_then_lean(model, merged_then_unmerged, 2)
+    _close(m_lean, m_peft, 1e-6)
+    _close(u_lean, u_peft, 1e-6)
+    _close(u_lean, before, 1e-5)
+    assert (m_lean - before).abs().max() > 1e-3
 
     # two adapters active together: peft composes rotations and scales
     from peft import BOFTConfig

@@ -10,9 +10,9 @@ shape) and never a matrix:
 
 * every factor mixes inputs only inside aligned chunks of ``block_size·2^i`` features, so the whole rotation
   R = B_m···B_1 is block-diagonal with blocks of L = block_size·2^(m−1) (16 at the defaults). Its D' = in/L blocks
-  are computed exactly by pushing an L×in matrix holding one identity per chunk through the factors (gathers and
-  b×b block products: L·in·b flops per factor, plain autograd back to the Cayley blocks of peft's
-  ``cayley_batch``, peft's multiplicative dropout applied to them as peft does);
+  are computed exactly by pushing an in×L matrix holding one identity per chunk through the transposed factors
+  (row gathers and b×b block products: L·in·b flops per factor; autograd back to the Cayley blocks, computed as
+  peft's ``cayley_batch`` does, with peft's multiplicative dropout applied to them as peft does);
 * the activations are rotated by one batched product with those blocks (``x_d·R_d`` per chunk d: T·in·L flops, one
   pass over T×in), by :class:`_BlockRotate`, whose backward gives dx and the blocks' gradient as two more batched
   products. Blocks are grouped into block-diagonal ``GROUP_WIDTH``-wide tiles (exact zeros elsewhere) so that each
@@ -21,10 +21,11 @@ shape) and never a matrix:
   written in the activations' dtype by :class:`_ScaleShift` (s as s − 1 in that dtype, fp32 arithmetic inside
   the kernel), which keeps the T×out product ``z`` for the gradient of ``s``.
 
-``get_delta_weight`` (peft's merge and unmerge call it) returns the dense in×in rotation assembled from the same
-blocks, so merging needs one in×in matrix per layer at a time (1.4 GB fp32 for ``down_proj`` at 7B) instead of the
-permutation stack and its in³ products. In fp32 everything here computes what peft computes (tests compare the
-loss, every gradient and the merged weights). Conv2d layers keep peft's forward.
+``merge`` / ``unmerge`` (promote, spectral, and TRL's weight sync to vLLM in GRPO, which merges and unmerges every
+sync) rotate the weight by the same blocks: W·Rᵀ·diag(s) as out·in·L flops, where peft multiplies by a dense in×in
+rotation (in²·out: ~100 TFLOP per merge of all-linear Qwen2.5-7B). ``get_delta_weight`` still returns peft's dense
+in×in rotation (assembled from the blocks) for anyone who asks for it. In fp32 everything here computes what peft
+computes (tests compare the loss, every gradient and the merged weights). Conv2d layers keep peft's forward.
 """
 
 from __future__ import annotations
@@ -88,23 +89,45 @@ def rotation_blocks(module, adapter: str, dropout: bool = True) -> torch.Tensor:
     """R's diagonal blocks, (in / L, L, L), in the adapter's dtype: block d is R[dL:(d+1)L, dL:(d+1)L].
 
     R = M_{m−1}···M_0 with M_i = P_i·blockdiag(Q_i)·P_iᵀ as peft builds it (x_rot = x @ R), Q = peft's Cayley
-    transform of ``boft_R`` (:func:`cayley_batch`; then ``boft_dropout`` when ``dropout``). Differentiable."""
+    transform of ``boft_R`` (:func:`cayley_batch`; then ``boft_dropout`` when ``dropout``). Differentiable.
+
+    Computed as Z = Rᵀ·Z0 with Z0 = one L×L identity per chunk stacked (in × L): M_iᵀ = P_i·blockdiag(Q_iᵀ)·P_iᵀ
+    is a row gather, a batched b×b product on the rows' blocks, and a row gather; then R's block d is Z's d-th
+    L×L block, transposed. Computed outside autocast (peft's bf16 products of dense factors round more)."""
     boft_R = module.boft_R[adapter]
+    with torch.autocast(boft_R.device.type, enabled=False):  # small tensors: kept in the adapter's precision
+        return _rotation_blocks(module, adapter, boft_R, dropout)
+
+
+def _rotation_blocks(module, adapter, boft_R, dropout):
     m, d, h, _ = boft_R.shape
     q = cayley_batch(boft_R.view(m * d, h, h)).view(m, d, h, h)
     if dropout:
         q = module.boft_dropout[adapter](q)
     n, width = d * h, h * 2 ** (m - 1)
     gathers = _gathers(n, d, h, m, q.device)
-    # one identity per chunk of `width` features: y = X0 @ R holds R's diagonal blocks side by side
-    y = torch.eye(width, device=q.device, dtype=q.dtype).repeat(1, n // width)
-    for i in reversed(range(m)):  # x @ M_{m-1} first, as peft's x @ (M_{m-1}···M_0)
+    z = torch.eye(width, device=q.device, dtype=q.dtype).repeat(n // width, 1)
+    for i in reversed(range(m)):  # Rᵀ = M_0ᵀ···M_{m−1}ᵀ: M_{m−1}ᵀ acts first
         if gathers[i] is not None:
-            y = y[:, gathers[i][1]]  # @ P_i: column j takes column perm⁻¹[j]
-        y = torch.einsum("ldh,dhk->ldk", y.reshape(width, d, h), q[i]).reshape(width, n)
+            z = _Gather.apply(z, gathers[i][1], gathers[i][0])  # P_iᵀ·z: row j takes row perm⁻¹[j]
+        z = torch.bmm(q[i].transpose(1, 2), z.view(d, h, width)).view(n, width)
         if gathers[i] is not None:
-            y = y[:, gathers[i][0]]  # @ P_iᵀ: column j takes column perm[j]
-    return y.view(width, n // width, width).transpose(0, 1)
+            z = _Gather.apply(z, gathers[i][0], gathers[i][1])  # P_i·z: row j takes row perm[j]
+    return z.view(n // width, width, width).transpose(1, 2)
+
+
+class _Gather(torch.autograd.Function):
+    """Rows of z in the order ``index``, a permutation; its gradient is the gather by the inverse (no scatter)."""
+
+    @staticmethod
+    def forward(ctx, z, index, inverse):
+        ctx.save_for_backward(inverse)
+        return z.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
 
 
 def _tile(blocks: torch.Tensor, group: int) -> torch.Tensor:
@@ -237,15 +260,61 @@ def _get_delta_weight(self, adapter) -> tuple[torch.Tensor, torch.Tensor]:
     return dense.view(count * size, count * size), self.boft_s[adapter]
 
 
+def _rotated_weight(self, adapter: str, weight: torch.Tensor, inverse: bool) -> torch.Tensor:
+    """W·Rᵀ·diag(s) (peft's merge: ``(R·Wᵀ)ᵀ·s``) or W·R / s (peft's unmerge), by blocks, in the adapter's dtype."""
+    blocks = rotation_blocks(self, adapter, dropout=False)
+    count, size, _ = blocks.shape
+    out = weight.shape[0]
+    w = weight.to(blocks.dtype).reshape(out, count, size).transpose(0, 1)  # (D', out, L): W's column chunks
+    rotated = torch.bmm(w, blocks if inverse else blocks.transpose(1, 2)).transpose(0, 1).reshape(out, -1)
+    scale = self.boft_s[adapter]
+    return rotated * (1 / scale) if inverse else rotated * scale
+
+
+@torch.no_grad()
+def _merge(self, safe_merge: bool = False, adapter_names=None) -> None:
+    """peft's ``boft.layer.Linear.merge`` with the rotation applied by blocks (out·in·L flops, not in²·out)."""
+    from peft.tuners.tuners_utils import check_adapters_to_merge
+
+    adapter_names = check_adapters_to_merge(self, adapter_names)
+    for active_adapter in adapter_names or []:
+        if active_adapter in self.boft_R.keys():
+            orig_weight = self.get_base_weight()
+            merged = _rotated_weight(self, active_adapter, orig_weight, inverse=False)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(
+                    f"NaNs detected in the merged weights. The adapter {active_adapter} seems to be broken"
+                )
+            self.set_base_weight(merged.contiguous().to(orig_weight.dtype))
+            self.merged_adapters.append(active_adapter)
+
+
+@torch.no_grad()
+def _unmerge(self) -> None:
+    """peft's ``boft.layer.Linear.unmerge`` (W·R / s: R is orthogonal) by blocks."""
+    import warnings
+
+    if not self.merged:
+        warnings.warn("Already unmerged. Nothing to do.")
+        return
+    while len(self.merged_adapters) > 0:
+        active_adapter = self.merged_adapters.pop()
+        if active_adapter in self.boft_R.keys():
+            orig_weight = self.get_base_weight()
+            self.set_base_weight(_rotated_weight(self, active_adapter, orig_weight, inverse=True)
+                                 .contiguous().to(orig_weight.dtype))
+
+
 def install() -> None:
-    """Patch peft's BOFT Linear forward and ``get_delta_weight`` (``_ORIGINAL`` keeps peft's, for tests)."""
+    """Patch peft's BOFT Linear forward, ``get_delta_weight``, ``merge`` and ``unmerge`` (``_ORIGINAL`` keeps
+    peft's, for tests)."""
     from peft.tuners.boft.layer import Linear
 
     if "forward" not in _ORIGINAL:
-        _ORIGINAL["forward"] = Linear.forward
-        _ORIGINAL["get_delta_weight"] = Linear.get_delta_weight
-    Linear.forward = _forward
-    Linear.get_delta_weight = _get_delta_weight
+        _ORIGINAL.update(forward=Linear.forward, get_delta_weight=Linear.get_delta_weight, merge=Linear.merge,
+                         unmerge=Linear.unmerge)
+    Linear.forward, Linear.get_delta_weight = _forward, _get_delta_weight
+    Linear.merge, Linear.unmerge = _merge, _unmerge
 
 
 def uninstall() -> None:
@@ -254,5 +323,5 @@ def uninstall() -> None:
     from peft.tuners.boft.layer import Linear
 
     if "forward" in _ORIGINAL:
-        Linear.forward = _ORIGINAL["forward"]
-        Linear.get_delta_weight = _ORIGINAL["get_delta_weight"]
+        for name in ("forward", "get_delta_weight", "merge", "unmerge"):
+            setattr(Linear, name, _ORIGINAL[name])
