@@ -25,6 +25,7 @@ trainable ``ranknum`` as peft leaves it on a bf16 base, one Gram matrix per P/Q 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -223,8 +224,12 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="", help="write the figures as JSON here")
     args = p.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    results = {v: run(v, args, device) for v in args.variants.split(",")}
+    results = {}
+    for variant in args.variants.split(","):
+        results[variant] = run(variant, args, device)
+        gc.collect()  # the variant's model goes before the next one is built
+        if device == "cuda":
+            torch.cuda.empty_cache()
     parts = ["forward_backward", "optimizer_step", "penalty", "update_ipt", "prune", "final_mask"]
     keys = ["ops", "syncs", "ms"] + (["kernels"] if device == "cuda" else [])
     print(f"device={device} base={args.base} layers={args.layers or 'all'} full_width={args.full_width} "

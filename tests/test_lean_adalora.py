@@ -23,6 +23,18 @@ def _peft_code_back():
     lean_adalora.uninstall()
 
 
+def _spy(monkeypatch, name: str) -> list:
+    """Count the calls of one lean function (installed by ``install()`` after this), to prove the lean path ran."""
+    calls, original = [], getattr(lean_adalora, name)
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(lean_adalora, name, spy)
+    return calls
+
+
 def _model(tiny_source, dtype=torch.float32, **overrides):
     from transformers import AutoModelForCausalLM
 
@@ -58,7 +70,8 @@ class _CountEye(torch.overrides.TorchFunctionMode):
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_lean_forward_matches_peft(tiny_source, dropout):
+def test_lean_forward_matches_peft(tiny_source, dropout, monkeypatch):
+    lean_calls = _spy(monkeypatch, "_svd_linear_forward")
     model, _ = _model(tiny_source, dropout=dropout)
     model.train()
     results, eyes = [], []
@@ -72,6 +85,7 @@ def test_lean_forward_matches_peft(tiny_source, dropout):
         eyes.append(counter.calls)
     # orth_reg_weight is 0 (the callback owns the regulariser): peft still builds its 28 Gram matrices, we don't
     assert model.peft_config["default"].orth_reg_weight == 0 and eyes == [2 * 14, 0]
+    assert len(lean_calls) == 14  # one lean forward per adapted linear, in the second pass only
     (loss_peft, grads_peft), (loss_lean, grads_lean) = results
     assert loss_lean == pytest.approx(loss_peft, rel=1e-6)
     assert grads_lean.keys() == grads_peft.keys() and len(grads_peft) == 3 * 14  # A, E, B of 2 layers × 7 linears
@@ -81,9 +95,10 @@ def test_lean_forward_matches_peft(tiny_source, dropout):
         torch.testing.assert_close(grads_lean[name], grad, rtol=1e-5, atol=1e-5 * scale, msg=name)
 
 
-def test_lean_forward_on_a_bf16_base_keeps_no_full_width_tensor(tiny_source):
+def test_lean_forward_on_a_bf16_base_keeps_no_full_width_tensor(tiny_source, monkeypatch):
     """bf16 base, fp32 adapter, autocast, no input casting (training on a GPU, here on the CPU): ranknum is frozen
     again, the output keeps the activation dtype and matches peft's, and the backward keeps no T×out tensor."""
+    lean_calls = _spy(monkeypatch, "_svd_linear_forward")
     model, _ = _model(tiny_source, dtype=torch.bfloat16)
     assert not any(p.requires_grad for n, p in model.named_parameters() if "ranknum" in n)
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
@@ -103,7 +118,7 @@ def test_lean_forward_on_a_bf16_base_keeps_no_full_width_tensor(tiny_source):
     (y_peft, _), (y_lean, biggest) = outputs
     assert y_lean.dtype == y_peft.dtype == torch.bfloat16 and y_lean.shape == (3, 40, 128)
     torch.testing.assert_close(y_lean.float(), y_peft.float(), rtol=2e-2, atol=2e-2 * y_peft.abs().max().item())
-    assert biggest < 3 * 40 * 128  # the input (T×64) and T×r products only
+    assert len(lean_calls) == 1 and biggest < 3 * 40 * 128  # the input (T×64) and T×r products only
     y_lean.float().sum().backward()
     assert layer.lora_E["default"].grad.abs().sum() > 0 and x.grad is not None
 
@@ -134,10 +149,11 @@ def test_orthogonality_penalty_equals_pefts(tiny_source):
             assert expected.abs().sum() > 0
 
 
-def test_rank_allocator_matches_peft_over_the_schedule(tiny_source):
+def test_rank_allocator_matches_peft_over_the_schedule(tiny_source, monkeypatch):
     """Two copies trained alike, one allocated by peft's RankAllocator, one by the lean one: the same importance
     scores (bitwise), masks, rank patterns and weights after every step of warm-up, pruning, final mask and fixed
     phase (total 10 steps, tinit 1, tfinal 2, a reallocation every step)."""
+    calls = {name: _spy(monkeypatch, name) for name in ("_update_ipt", "_mask_to_budget", "_mask_using_rank_pattern")}
     model, _ = _model(tiny_source, delta_t=1)
     twins = [model, copy.deepcopy(model)]
     opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in twins]
@@ -181,6 +197,9 @@ def test_rank_allocator_matches_peft_over_the_schedule(tiny_source):
     twins[0].base_model.rankallocator.mask_using_rank_pattern(twins[0].model, truncated)
     lean_adalora.install()
     twins[1].base_model.rankallocator.mask_using_rank_pattern(twins[1].model, truncated)
+    # the lean allocator did the second twin's work: scores on steps 0-7, pruning on 2-8, fixed masks on 9 + above
+    assert {name: len(c) for name, c in calls.items()} == {"_update_ipt": 8, "_mask_to_budget": 7,
+                                                          "_mask_using_rank_pattern": 2}
     e_values = [torch.cat([p.view(-1) for n, p in m.named_parameters() if "lora_E" in n]) for m in twins]
     assert torch.equal(*e_values) and int((e_values[0] == 0).sum()) == sum(len(v) - sum(v) for v in final.values())
 

@@ -132,7 +132,7 @@ register(MethodSpec(
     defaults={"r": 8, "init_r": 12, "alpha": 16, "dropout": 0.05, "target_modules": DEFAULT_TARGETS,
               "tinit_ratio": 0.1, "tfinal_ratio": 0.2, "delta_t": 10, "orth_reg_weight": 0.5, "reallocate": True},
     option_help={
-        "r": "average rank per layer after reallocation (peft target_r)",
+        "r": "average rank per layer after reallocation (peft target_r); below init_r with reallocate=true",
         "init_r": "rank every layer starts with (peft's default 12, as in the paper)",
         "alpha": "scaling numerator of the update",
         "dropout": "dropout on the adapter's input",
