@@ -55,8 +55,8 @@ def _lean_applies(result: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, l
 def _scale(layer, adapter: str) -> torch.Tensor:
     """``scaling / (ranknum + 1e-5)`` as a 1-element tensor (no host sync), computed once while ranknum is constant."""
     ranknum, scaling = layer.ranknum[adapter], layer.scaling[adapter]
-    if ranknum.requires_grad:  # a trainable ranknum (peft's upcast on a bf16 base) needs the graph
-        return scaling / (ranknum + 1e-5)
+    if ranknum.requires_grad or torch.compiler.is_compiling():  # a trainable ranknum needs the graph; a compiled
+        return scaling / (ranknum + 1e-5)  # layer folds the constant itself
     key = (ranknum.data_ptr(), ranknum._version, ranknum.device, scaling)
     cache = layer.__dict__.setdefault("_lean_scale", {})
     hit = cache.get(adapter)
