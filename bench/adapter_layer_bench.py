@@ -41,8 +41,11 @@ def layer_shapes(base: str) -> dict[str, tuple[int, int, bool]]:
 def build_block(shapes, device, dtype):
     import torch
 
-    class Block(torch.nn.Module):  # what peft's causal-LM wrapper looks up on a model, nothing more
-        def prepare_inputs_for_generation(self, *args, **kwargs):
+    class Block(torch.nn.Module):
+        def forward(self, inputs: dict):
+            return [getattr(self, name)(inputs[name]) for name in PROJECTIONS]
+
+        def prepare_inputs_for_generation(self, *args, **kwargs):  # looked up by peft's causal-LM wrapper
             raise NotImplementedError("a benchmark block does not generate")
 
     block = Block()
@@ -67,11 +70,15 @@ def adapt(block, method: str):
 
 
 def time_step(model, inputs, grads, reps: int, device) -> float:
+    """Median ms of one forward + backward of ``model`` (a Block, or a PeftModel: then its Block is called, with
+    the forward pre-hooks that ``lean.prepare`` puts on the model it is given)."""
     import torch
+
+    block = model.get_base_model() if hasattr(model, "get_base_model") else model
 
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            outs = [getattr(model, name)(inputs[name]) for name in PROJECTIONS]
+            outs = block(inputs)
         sum((o.float() * g).sum() for o, g in zip(outs, grads)).backward()
 
     params = [p for p in model.parameters() if p.requires_grad] + list(inputs.values())
@@ -122,7 +129,7 @@ def main(argv=None) -> int:
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
         widths = [int(w) for w in args.boft_widths.split(",")] if method == "boft" else [None]
         model = adapt(build_block(shapes, device, dtype), method)
-        lean.prepare(model, dtype, device.type == "cuda")
+        lean.prepare(model.get_base_model(), dtype, device.type == "cuda")  # the block is what gets called
         for width in widths:
             if width is not None:
                 lean_boft.GROUP_WIDTH = width

@@ -237,3 +237,95 @@ def test_cayley_without_the_sync_is_pefts():
     (g_ref,) = torch.autograd.grad((ref * torch.arange(64.).view(8, 8)).sum(), data)
     (g_ours,) = torch.autograd.grad((ours * torch.arange(64.).view(8, 8)).sum(), data)
     torch.testing.assert_close(g_ours, g_ref)
+
+
+@pytest.mark.parametrize("checkpointing", [None, False, True])  # off, non-reentrant, reentrant
+def test_prepared_model_stacks_every_layers_blocks(tiny_source, checkpointing):
+    """``lean.prepare``: one Cayley/factor stack per layer shape per forward (not per layer), the same loss and
+    gradients as peft, also under gradient checkpointing; stale blocks are never used."""
+    from unittest import mock
+
+    from transformers import AutoModelForCausalLM
+
+    from peft_arena.training import lean
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_source, dtype=torch.float32)
+    model = _peft_boft(base, boft_block_size=8, boft_n_butterfly_factor=2, target_modules="all-linear")
+    _perturb(model)
+    model.train()
+
+    def loss_and_grads(m):
+        m.zero_grad()
+        loss = m(**BATCH, use_cache=False).loss
+        loss.backward()
+        return loss.detach(), _grads(m)
+
+    lean_boft.uninstall()
+    loss_peft, grad_peft = loss_and_grads(model)
+    lean.prepare(model, torch.float32, cuda=False)
+    if checkpointing is not None:
+        model.gradient_checkpointing_enable({"use_reentrant": checkpointing})
+        if checkpointing:
+            model.enable_input_require_grads()
+    try:
+        with mock.patch.object(lean_boft, "stacked_rotation_blocks", wraps=lean_boft.stacked_rotation_blocks) as stk, \
+                mock.patch.object(lean_boft, "rotation_blocks", wraps=lean_boft.rotation_blocks) as per_layer:
+            loss_lean, grad_lean = loss_and_grads(model)
+        assert loss_lean.item() == pytest.approx(loss_peft.item(), rel=1e-5)
+        _close(grad_lean, grad_peft)
+        if checkpointing:  # reentrant recomputation would run a shared stack's backward per layer: per-layer blocks
+            assert lean_boft._REENTRANT["seen"] and per_layer.call_count > 0
+        else:  # two stacks (inputs of 64 and of 128 features), no layer computed its own blocks
+            assert per_layer.call_count == 0
+            assert [c.args[0].shape[:2] for c in stk.call_args_list] == [(12, 2), (2, 2)]
+
+        # after an optimizer step, a call that bypasses the model's forward (no precompute) must not reuse the
+        # blocks of the old parameters
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.mul_(1.5)
+        inner = model.base_model.model
+        with mock.patch.object(lean_boft, "rotation_blocks", wraps=lean_boft.rotation_blocks) as per_layer:
+            loss_inner = inner(**BATCH, use_cache=False).loss
+        assert per_layer.call_count == 2 * 7
+        lean_boft.uninstall()
+        model.base_model.model.gradient_checkpointing_disable()
+        assert loss_inner.item() == pytest.approx(inner(**BATCH, use_cache=False).loss.item(), rel=1e-5)
+    finally:
+        lean_boft._REENTRANT["seen"] = False
+
+
+def test_train_sft_runs_lean_boft_with_checkpointing(tmp_path):
+    """BOFT through train_sft as a user runs it (bf16 base, checkpointing on): the stacked blocks are used, the
+    adapter moves, no dense permutation stack exists."""
+    from unittest import mock
+
+    from transformers import TrainerCallback
+
+    from peft_arena.config import build_config
+    from peft_arena.tracking.tracker import MemoryTracker
+    from peft_arena.training import sft
+
+    seen = {}
+
+    class Probe(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            seen["r0"] = {n: p.detach().clone() for n, p in model.named_parameters() if "boft_R" in n}
+            seen["stacks"] = [n for n, b in model.named_buffers() if "boft_P" in n]
+
+        def on_train_end(self, args, state, control, model=None, **kw):
+            seen["r1"] = {n: p.detach().clone() for n, p in model.named_parameters() if "boft_R" in n}
+
+    cfg = build_config("train_sft", None, {"base_model": "tiny", "adapter": "boft", "limit": "2", "max_steps": "2",
+                                           "batch_size": "2", "warmup_ratio": "0", "precision": "bf16",
+                                           "gradient_checkpointing": "on"})
+    with mock.patch.object(lean_boft, "stacked_rotation_blocks", wraps=lean_boft.stacked_rotation_blocks) as stk, \
+            mock.patch.object(lean_boft, "rotation_blocks", wraps=lean_boft.rotation_blocks) as per_layer:
+        result = sft.train_sft(cfg, MemoryTracker(), tmp_path, extra_callbacks=[Probe()])
+    assert stk.call_count >= 2 * 2 and per_layer.call_count == 0  # two shapes, every training forward
+    assert seen["stacks"] == [] and len(seen["r0"]) == 2 * 7
+    assert any((seen["r1"][n] != seen["r0"][n]).any() for n in seen["r0"])
+    assert result["settings"]["train.gradient_checkpointing"] is True
+    assert all(loss == loss for loss in result["losses"])

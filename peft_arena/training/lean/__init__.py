@@ -39,7 +39,9 @@ def install() -> None:
 
 
 def prepare(model, dtype: torch.dtype, cuda: bool) -> None:
-    """After the adapter is built: lean forwards everywhere; no input casting on a bf16 base under autocast."""
+    """After the adapter is built: lean forwards everywhere; no input casting on a bf16 base under autocast;
+    BOFT's rotation blocks computed for all layers at once per forward."""
     install()
+    boft.prepare(model)
     if cuda and dtype == torch.bfloat16:
         disable_input_casting(model)

@@ -17,6 +17,9 @@ shape) and never a matrix:
   pass over T×in), by :class:`_BlockRotate`, whose backward gives dx and the blocks' gradient as two more batched
   products. Blocks are grouped into block-diagonal ``GROUP_WIDTH``-wide tiles (exact zeros elsewhere) so that each
   row segment the GEMM reads is at least 128 bytes in bf16; the extra flops are free in a memory-bound product;
+* in training (:func:`prepare`, called by ``lean.prepare``) the Cayley transforms and factor chains of all layers
+  of one shape run as one stack at the start of each forward of the model (two stacks for all-linear Qwen2.5-7B
+  instead of ~45 tiny kernels per layer, forward and backward); layers called otherwise compute their own;
 * the base matmul runs without its bias, and ``y = s ⊙ z + bias`` (peft: ``(base(x_rot) − bias)·s + bias``) is
   written in the activations' dtype by :class:`_ScaleShift` (s as s − 1 in that dtype, fp32 arithmetic inside
   the kernel), which keeps the T×out product ``z`` for the gradient of ``s``.
@@ -31,6 +34,7 @@ computes (tests compare the loss, every gradient and the merged weights). Conv2d
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 import torch.nn as nn
@@ -89,45 +93,115 @@ def rotation_blocks(module, adapter: str, dropout: bool = True) -> torch.Tensor:
     """R's diagonal blocks, (in / L, L, L), in the adapter's dtype: block d is R[dL:(d+1)L, dL:(d+1)L].
 
     R = M_{m−1}···M_0 with M_i = P_i·blockdiag(Q_i)·P_iᵀ as peft builds it (x_rot = x @ R), Q = peft's Cayley
-    transform of ``boft_R`` (:func:`cayley_batch`; then ``boft_dropout`` when ``dropout``). Differentiable.
+    transform of ``boft_R`` (:func:`cayley_batch`; then ``boft_dropout`` when ``dropout``). Differentiable."""
+    drop = module.boft_dropout[adapter] if dropout else None
+    return stacked_rotation_blocks(module.boft_R[adapter].unsqueeze(0), drop)[0]
+
+
+def stacked_rotation_blocks(boft_R: torch.Tensor, dropout=None) -> torch.Tensor:
+    """:func:`rotation_blocks` of k same-shaped layers at once: ``boft_R`` (k, m, D, b, b) -> (k, in / L, L, L).
 
     Computed as Z = Rᵀ·Z0 with Z0 = one L×L identity per chunk stacked (in × L): M_iᵀ = P_i·blockdiag(Q_iᵀ)·P_iᵀ
     is a row gather, a batched b×b product on the rows' blocks, and a row gather; then R's block d is Z's d-th
-    L×L block, transposed. Computed outside autocast (peft's bf16 products of dense factors round more)."""
-    boft_R = module.boft_R[adapter]
-    with torch.autocast(boft_R.device.type, enabled=False):  # small tensors: kept in the adapter's precision
-        return _rotation_blocks(module, adapter, boft_R, dropout)
+    L×L block, transposed. Outside autocast (the tensors are small; peft's bf16 products of dense factors round
+    more). ``dropout`` (peft's multiplicative dropout of one layer, k = 1) acts on the Cayley blocks as in peft."""
+    with torch.autocast(boft_R.device.type, enabled=False):
+        k, m, d, h, _ = boft_R.shape
+        q = cayley_batch(boft_R.reshape(k * m * d, h, h)).view(k, m, d, h, h)
+        if dropout is not None:
+            if k != 1:
+                raise ValueError("BOFT's multiplicative dropout draws per layer: stack one layer at a time")
+            q = dropout(q[0]).unsqueeze(0)
+        n, width = d * h, h * 2 ** (m - 1)
+        gathers = _gathers(n, d, h, m, q.device)
+        z = _identities(n, width, q.device, q.dtype).expand(k, n, width)
+        factors = q.unbind(1)
+        for i in reversed(range(m)):  # Rᵀ = M_0ᵀ···M_{m−1}ᵀ: M_{m−1}ᵀ acts first
+            if gathers[i] is not None:
+                z = _Gather.apply(z, gathers[i][1], gathers[i][0])  # P_iᵀ·z: row j takes row perm⁻¹[j]
+            z = torch.bmm(factors[i].reshape(k * d, h, h).transpose(1, 2), z.reshape(k * d, h, width))
+            z = z.view(k, n, width)
+            if gathers[i] is not None:
+                z = _Gather.apply(z, gathers[i][0], gathers[i][1])  # P_i·z: row j takes row perm[j]
+        return z.view(k, n // width, width, width).transpose(-1, -2)
 
 
-def _rotation_blocks(module, adapter, boft_R, dropout):
-    m, d, h, _ = boft_R.shape
-    q = cayley_batch(boft_R.view(m * d, h, h)).view(m, d, h, h)
-    if dropout:
-        q = module.boft_dropout[adapter](q)
-    n, width = d * h, h * 2 ** (m - 1)
-    gathers = _gathers(n, d, h, m, q.device)
-    z = torch.eye(width, device=q.device, dtype=q.dtype).repeat(n // width, 1)
-    for i in reversed(range(m)):  # Rᵀ = M_0ᵀ···M_{m−1}ᵀ: M_{m−1}ᵀ acts first
-        if gathers[i] is not None:
-            z = _Gather.apply(z, gathers[i][1], gathers[i][0])  # P_iᵀ·z: row j takes row perm⁻¹[j]
-        z = torch.bmm(q[i].transpose(1, 2), z.view(d, h, width)).view(n, width)
-        if gathers[i] is not None:
-            z = _Gather.apply(z, gathers[i][0], gathers[i][1])  # P_i·z: row j takes row perm[j]
-    return z.view(n // width, width, width).transpose(1, 2)
+@functools.lru_cache(maxsize=None)
+def _identities(n: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return torch.eye(width, device=device, dtype=dtype).repeat(n // width, 1)
 
 
 class _Gather(torch.autograd.Function):
-    """Rows of z in the order ``index``, a permutation; its gradient is the gather by the inverse (no scatter)."""
+    """Rows (dim −2) of z in the order ``index``, a permutation; the gradient gathers by the inverse (no scatter)."""
 
     @staticmethod
     def forward(ctx, z, index, inverse):
         ctx.save_for_backward(inverse)
-        return z.index_select(0, index)
+        return z.index_select(-2, index)
 
     @staticmethod
     def backward(ctx, grad):
         (inverse,) = ctx.saved_tensors
-        return grad.index_select(0, inverse), None, None
+        return grad.index_select(-2, inverse) if ctx.needs_input_grad[0] else None, None, None
+
+
+# ------------------------------------------------------------------------ all layers' blocks at once (training)
+# Per layer, the Cayley transform and the factor chain are ~45 tiny kernels (forward and backward): ~9,000 per
+# step at 7B, each a few µs of GPU time and more of CPU dispatch. :func:`prepare` computes them for all layers of a
+# shape at the start of every forward of the model (two stacks for all-linear Qwen2.5-7B), before any checkpointed
+# region, so recomputation under gradient checkpointing finds the same tensors. A layer uses its precomputed blocks
+# only while they are current: same parameter object and version (an optimizer step bumps it), same grad mode.
+_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # layer -> {adapter: (blocks, param, version, grad)}
+_HOOKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> hook handle
+_REENTRANT = {"seen": False}
+
+
+def _cached_blocks(layer, adapter: str):
+    entry = _CACHE.get(layer, {}).get(adapter)
+    if entry is None or _REENTRANT["seen"]:
+        return None
+    blocks, param, version, grad = entry
+    if param is not layer.boft_R[adapter] or version != param._version:
+        return None
+    if grad != torch.is_grad_enabled():
+        if grad and layer.training:
+            # a training layer called without grad after a forward with grad: reentrant checkpointing, whose
+            # recomputation would run the shared stack's backward once per layer. Per-layer blocks from now on.
+            _REENTRANT["seen"] = True
+        return None
+    return blocks
+
+
+def _precompute(model, args, layers) -> None:
+    groups: dict = {}
+    for layer in layers:
+        if layer.merged or layer.disable_adapters:
+            continue
+        for adapter in layer.active_adapters:
+            if adapter not in layer.boft_R.keys():
+                continue
+            drop = layer.boft_dropout[adapter]
+            if not isinstance(drop, nn.Identity) and drop.training:
+                continue  # random per layer: computed in the layer's forward
+            param = layer.boft_R[adapter]
+            groups.setdefault((tuple(param.shape), param.dtype, param.device), []).append((layer, adapter, param))
+    grad = torch.is_grad_enabled()
+    for members in groups.values():
+        stacked = stacked_rotation_blocks(torch.stack([param for _, _, param in members]))
+        for (layer, adapter, param), blocks in zip(members, stacked.unbind(0)):
+            _CACHE.setdefault(layer, {})[adapter] = (blocks, param, param._version, grad)
+
+
+def prepare(model) -> int:
+    """Precompute every BOFT layer's rotation blocks, stacked by shape, at the start of each forward of ``model``
+    (the trainers call this through ``lean.prepare``); returns the BOFT layers found. Layers called outside such a
+    forward compute their own blocks (the same values)."""
+    from peft.tuners.boft.layer import Linear
+
+    layers = [m for m in model.modules() if isinstance(m, Linear)]
+    if layers and model not in _HOOKS:
+        _HOOKS[model] = model.register_forward_pre_hook(functools.partial(_precompute, layers=layers))
+    return len(layers)
 
 
 def _tile(blocks: torch.Tensor, group: int) -> torch.Tensor:
@@ -232,7 +306,8 @@ def _forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     scale = None
     # peft: rotation = M_ak···M_a1 (later adapters on the left), x @ rotation: the last adapter rotates x first
     for adapter in reversed(active):
-        x = _BlockRotate.apply(x, rotation_blocks(self, adapter))
+        blocks = _cached_blocks(self, adapter)
+        x = _BlockRotate.apply(x, rotation_blocks(self, adapter) if blocks is None else blocks)
     for adapter in active:
         s = self.boft_s[adapter].view(-1)
         scale = s if scale is None else s * scale
