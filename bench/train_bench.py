@@ -13,7 +13,8 @@ One command times, each in its own process so that peaks and caches do not mix:
 The models are random-init real architectures built from the shipped configs (``peft_arena/assets/base_configs``)
 directly on the GPU in bf16; the SmolLM2 tokenizer stands in (its ids are valid for every base). The first
 ``ours`` call loads the saved folder through the train-sft path and gives the time from process start to the end of
-the first optimizer step; later methods reuse that loaded base (the adapter is unloaded after each). Methods whose
+the first optimizer step, with its phases (``startup``: ``training/startup.py``'s ``startup/<phase>_s``, printed
+and kept in the JSON); later methods reuse that loaded base (the adapter is unloaded after each). Methods whose
 initialisation needs the weights (PiSSA/MiLoRA SVDs, KeepLoRA's calibration gradient) are timed with their
 shapes only here (the step is the same); ``--init-layers N`` times their real GPU init on N decoder layers.
 
@@ -206,7 +207,7 @@ class StepClock:
 
 
 def run_ours(folder: str, data: str, method: str, seq: int, batch: int, accum: int, steps: int, out_dir: str,
-             base_model=None, structure_only: bool = False, extra: dict | None = None):
+             base_model=None, structure_only: bool = False, extra: dict | None = None, startup=None):
     """One ``train_sft`` call as ``peft-arena train-sft`` makes it; returns (result, clock)."""
     from peft_arena.config import build_config
     from peft_arena.tracking.tracker import MemoryTracker
@@ -218,7 +219,7 @@ def run_ours(folder: str, data: str, method: str, seq: int, batch: int, accum: i
     cfg = build_config("train_sft", None, {k: str(v) for k, v in overrides.items()})
     clock = StepClock()
     result = train_sft(cfg, MemoryTracker(), out_dir, base_model=base_model, extra_callbacks=[clock.callback],
-                       structure_only=structure_only)
+                       structure_only=structure_only, startup=startup)
     return result, clock
 
 
@@ -249,6 +250,14 @@ def _release(clock):
 def cmd_ours(args) -> dict:
     import torch
 
+    from peft_arena.training.startup import StartupClock
+
+    startup = StartupClock(t0=T0)  # the first call's phases, from this process's spawn
+    startup.mark("python_torch")  # the interpreter, this script, import torch
+    import peft_arena.training.sft  # noqa: F401
+
+    startup.mark("module_imports")
+
     cuda = torch.cuda.is_available()
     work = Path(tempfile.mkdtemp(prefix="bench-ours-"))
     methods = args.methods.split(",")
@@ -270,7 +279,8 @@ def cmd_ours(args) -> dict:
             try:
                 result, clock = run_ours(args.folder, args.data[str(seq)], method, seq, batch, accum, steps,
                                          str(work / f"{method}-{seq}"), base_model=base,
-                                         structure_only=structure_only, extra=extra)
+                                         structure_only=structure_only, extra=extra,
+                                         startup=startup if first else None)
             except torch.OutOfMemoryError as err:
                 row[str(seq)] = {"fits": False, "error": f"out of memory: {str(err)[:160]}"}
                 print("CELL " + json.dumps({method: {str(seq): row[str(seq)]}}), flush=True)
@@ -292,6 +302,9 @@ def cmd_ours(args) -> dict:
                 first = False
                 cell["first_step_s"] = round(time.time() - T0 - (time.perf_counter() - clock.ends[0]), 1)
                 cell["load_to_train_begin_s"] = round(clock.begin - started, 1)
+                cell["startup"] = result["startup"]  # startup/<phase>_s: where the time to the first step went
+                print(f"startup of the first call ({method}, {seq} tokens), seconds from process start:\n"
+                      + startup.table(), file=sys.stderr, flush=True)
             if not long:
                 tok_s, step_s = clock.rate(args.warmup)
                 cell.update({"tok_s": round(tok_s, 1), "step_s": round(step_s, 4)})
@@ -380,6 +393,8 @@ def summarise(peers: dict, ours: dict, init: dict, args) -> dict:
         "ours_tok_s": lora.get("tok_s"), "ours_peak_gib": lora.get("peak_gib"),
         "ratio": round(lora["tok_s"] / tuned["tok_s"], 3) if lora.get("tok_s") and tuned.get("tok_s") else None,
         "first_step_s": lora.get("first_step_s"),
+        "startup": next((cell["startup"] for row in rows.values() for cell in row.values() if "startup" in cell),
+                        None),
         "ours_settings": lora.get("settings"),
         "methods": {}, "paper_8192_fits": {}, "init_seconds": init, "peers": peers, "raw": rows,
     }
@@ -405,6 +420,7 @@ def table(summary: dict) -> str:
              f"{s['peer_tuned_peak_gib']} |",
              f"| ours: train-sft, LoRA r16 | {s['ours_tok_s']} | {s['ours_peak_gib']} |",
              "", f"ours / tuned peer: {s['ratio']}x; process start to first optimizer step: {s['first_step_s']} s", "",
+             *startup_lines(s.get("startup")),
              f"| method | step / LoRA's | tok/s | peak GiB | checkpointing | {s['long_seq']}-token protocol "
              f"(micro {s['long_micro_batch']} x accum {s['long_grad_accum']}) | peak GiB there |",
              "|---|---|---|---|---|---|---|"]
@@ -412,6 +428,16 @@ def table(summary: dict) -> str:
         lines.append(f"| {name} | {m['step_ratio_to_lora']} | {m['tok_s']} | {m['peak_gib']} | {m['checkpointing']} | "
                      f"{'fits' if s['paper_8192_fits'][name] else 'does not fit'} | {m['long_peak_gib']} |")
     return "\n".join(lines)
+
+
+def startup_lines(startup: dict | None) -> list[str]:
+    """The first call's startup phases (seconds, from process start) as table lines."""
+    if not startup:
+        return []
+    names = [k for k in startup if k.startswith("startup/") and k != "startup/to_first_step_s"]
+    return ["| startup phase | seconds |", "|---|---|",
+            *(f"| {k[len('startup/'):-2]} | {startup[k]} |" for k in names),
+            f"| to the first step | {startup.get('startup/to_first_step_s')} |", ""]
 
 
 def cmd_all(args) -> int:

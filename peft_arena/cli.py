@@ -25,7 +25,8 @@ STAGE_HELP = {
     "train_sft": (
         "Supervised finetuning of one PEFT method on a target domain (TRL SFTTrainer).",
         "Logs: the effective config as cfg.* params, train/loss, train/grad_norm, train/learning_rate curves (HF "
-        "MLflowCallback, no TrainingArguments dump), train/final_loss, the training data as a dataset input, "
+        "MLflowCallback, no TrainingArguments dump), train/final_loss, startup/<phase>_s (process start to the first "
+        "optimizer step, by phase), the training data as a dataset input, "
         "a run description, trainable/total parameter counts, the trained adapter folder as artifact `adapter/`, and lineage tags "
         "(arena.stage/method/domain/base_model/train, library versions).",
     ),

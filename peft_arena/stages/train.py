@@ -94,10 +94,16 @@ def _data_label(data: str) -> str:
 
 
 def run_train_sft(cfg: SFTConfig, tracker) -> dict:
+    from peft_arena.training.startup import StartupClock
+
+    clock = StartupClock()  # startup/* metrics: from the process's start to the first optimizer step
+    clock.mark("run_setup")  # the interpreter, the CLI, the MLflow run
     from peft_arena.training.sft import train_sft
 
+    clock.mark("module_imports")  # torch, transformers, peft, ... as training/sft.py imports them
     out, base, name = _prepare(cfg, "train_sft", "sft", tracker)
-    result = _logged(train_sft(cfg, tracker, out, resume=getattr(tracker, "resuming", False)), out, tracker)
+    result = _logged(train_sft(cfg, tracker, out, resume=getattr(tracker, "resuming", False), startup=clock), out,
+                     tracker)
     _describe(cfg, "sft", base, name, result, result.get("examples"), tracker)
     return result
 

@@ -28,6 +28,7 @@ from peft_arena.models import load_tokenizer, resolve_base
 from peft_arena.training import checkpoints, distributed, guards
 from peft_arena.training.monitor import attach_monitor
 from peft_arena.training import lean, precision
+from peft_arena.training.startup import Background, StartupClock, frozen_gc
 
 
 def log_training_data(tracker, records: list[dict], source: str) -> None:
@@ -42,40 +43,62 @@ def default_data(domain: str) -> str:
     return {"math": "math-sample", "med": "med-sample"}.get(domain, "")
 
 
-def tokenize_example(tokenizer, question: str, answer: str) -> tuple[list[int], list[int]]:
-    """Prompt ids (chat template, generation prompt) and response ids (answer + EOS), as the paper builds them."""
+def _check_tokenizer(tokenizer) -> None:
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("the tokenizer has no chat template; the paper's SFT renders every question with one "
                          "(Qwen2.5-7B base ships one): use a tokenizer that has a chat template")
     if not tokenizer.eos_token:
         raise ValueError("the tokenizer has no EOS token; the paper's SFT target is answer + EOS")
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                           add_generation_prompt=True)
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(answer + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
-    return prompt_ids, response_ids
 
 
-def drop_overlong(records: list[dict], tokenizer, max_length: int) -> list[dict]:
-    """Paper: examples longer than max_length are filtered out beforehand, never truncated."""
+def tokenize_example(tokenizer, question: str, answer: str) -> tuple[list[int], list[int]]:
+    """Prompt ids (chat template, generation prompt) and response ids (answer + EOS), as the paper builds them."""
+    return tokenize_examples(tokenizer, [(question, answer)])[0]
+
+
+def tokenize_examples(tokenizer, pairs: list[tuple[str, str]], chunk: int = 1024) -> list[tuple[list[int], list[int]]]:
+    """:func:`tokenize_example` of every (question, answer), in batches (the same ids, one tokenizer call per batch)."""
+    if not pairs:
+        return []
+    _check_tokenizer(tokenizer)
+    out: list[tuple[list[int], list[int]]] = []
+    for i in range(0, len(pairs), chunk):
+        part = pairs[i: i + chunk]
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                                 add_generation_prompt=True) for q, _ in part]
+        prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        response_ids = tokenizer([a + tokenizer.eos_token for _, a in part], add_special_tokens=False)["input_ids"]
+        out.extend(zip(prompt_ids, response_ids))
+    return out
+
+
+def drop_overlong(records: list[dict], tokenizer, max_length: int, tokens: dict | None = None) -> list[dict]:
+    """Paper: examples longer than max_length are filtered out beforehand, never truncated. ``tokens``: a dict that
+    receives each kept record's (prompt ids, response ids) under ``id(record)``, for :func:`sft_token_dataset`."""
     kept = []
-    for rec in records:
-        p, r = tokenize_example(tokenizer, rec["question"], rec["answer"])
+    for rec, (p, r) in zip(records, tokenize_examples(tokenizer, [(r["question"], r["answer"]) for r in records])):
         if len(p) + len(r) <= max_length:
             kept.append(rec)
+            if tokens is not None:
+                tokens[id(rec)] = (p, r)
     return kept
 
 
-def sft_token_dataset(records: list[dict], tokenizer):
+def sft_token_dataset(records: list[dict], tokenizer, tokens: dict | None = None):
     """The training examples, tokenised as the paper does (:func:`tokenize_example`): ``input_ids`` and a
-    ``completion_mask`` that is 1 on the answer + EOS tokens (TRL turns it into the labels)."""
+    ``completion_mask`` that is 1 on the answer + EOS tokens (TRL turns it into the labels). ``tokens``: ids
+    already made by :func:`drop_overlong` (by ``id(record)``); the others are tokenised here."""
     from datasets import Dataset
 
-    rows = []
     for rec in records:
         if not rec["answer"]:
             raise ValueError(f"record without an answer cannot be used for SFT: {rec['question'][:80]!r}")
-        prompt_ids, response_ids = tokenize_example(tokenizer, rec["question"], rec["answer"])
+    tokens = tokens or {}
+    missing = [rec for rec in records if id(rec) not in tokens]
+    made = dict(zip(map(id, missing), tokenize_examples(tokenizer, [(r["question"], r["answer"]) for r in missing])))
+    rows = []
+    for rec in records:
+        prompt_ids, response_ids = tokens.get(id(rec)) or made[id(rec)]
         rows.append({"input_ids": prompt_ids + response_ids,
                      "completion_mask": [0] * len(prompt_ids) + [1] * len(response_ids)})
     if not rows:
@@ -87,7 +110,7 @@ def tokenised_batch(records: list[dict], tokenizer) -> dict[str, torch.Tensor]:
     """``records`` as one right-padded batch with answer-only labels (:func:`tokenize_example`), for timing a
     gradient initialisation outside a trainer (bench/train_bench.py); training calibrates on
     :func:`first_micro_batch`."""
-    rows = [tokenize_example(tokenizer, r["question"], r["answer"]) for r in records]
+    rows = tokenize_examples(tokenizer, [(r["question"], r["answer"]) for r in records])
     length = max(len(p) + len(r) for p, r in rows)
     ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -126,7 +149,7 @@ def resolve_settings(cfg: SFTConfig, method: str, options: dict, model_config) -
 
 
 def train_sft(cfg: SFTConfig, tracker, output_dir: str | Path, *, base_model=None, extra_callbacks=(),
-              structure_only: bool = False, resume: bool = False) -> dict:
+              structure_only: bool = False, resume: bool = False, startup: StartupClock | None = None) -> dict:
     """Train ``cfg.adapter`` on ``cfg.domain`` data; save the trained artifact; return its facts.
 
     ``base_model``: an already loaded plain base (in the run's dtype, on the run's device) instead of loading
@@ -134,7 +157,20 @@ def train_sft(cfg: SFTConfig, tracker, output_dir: str | Path, *, base_model=Non
     data-dependent initialisations (SVD, calibration gradients) with their shapes only, for timing steps alone;
     nothing is saved then. ``resume``: continue the run's last checkpoint (``training/checkpoints.py``). Training
     guards (``training/guards.py``) fail the run on non-finite or diverging losses, gradients or weights.
+    ``startup``: the clock timing the phases up to the end of the first optimizer step (``training/startup.py``;
+    default: from this process's start); logged as ``startup/<phase>_s`` metrics, returned under ``"startup"``.
     """
+    clock = startup if startup is not None else StartupClock()
+    clock.mark("before_call")
+    from trl import SFTTrainer  # noqa: F401  (TRL, datasets, pandas: the imports still left, timed on their own)
+
+    clock.mark("imports")
+    with frozen_gc():  # the ~500k objects imported so far stay out of the collector's scans while training
+        return _train_sft(cfg, tracker, output_dir, base_model, extra_callbacks, structure_only, resume, clock)
+
+
+def _train_sft(cfg: SFTConfig, tracker, output_dir, base_model, extra_callbacks, structure_only: bool, resume: bool,
+               clock: StartupClock) -> dict:
     from transformers import AutoConfig
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
@@ -143,30 +179,38 @@ def train_sft(cfg: SFTConfig, tracker, output_dir: str | Path, *, base_model=Non
     options = spec.resolve(cfg.method_options)
     lr = cfg.lr or spec.sft_lr
     base = resolve_base(cfg.base_model)
+    torch.manual_seed(cfg.seed)
+    cuda = torch.cuda.is_available()
+    model_config = (base_model.config if base_model is not None
+                    else AutoConfig.from_pretrained(base.source, trust_remote_code=False))
+    settings = resolve_settings(cfg, spec.name, options, model_config)  # initialises CUDA
+    clock.mark("config")
+    # the base's weights load in the background while the data is read and tokenised (nothing there uses torch)
+    loading = None if base_model is not None else Background("weights", lambda: precision.load_base_for_training(
+        base.source, settings.dtype, cfg.attn_implementation,
+        device=None if settings.device == "cpu" else settings.device), clock)
+
     tokenizer = load_tokenizer(base.source)
     tokenizer.padding_side = "right"
-
+    clock.mark("tokenizer")
+    tokens: dict = {}  # each kept record's ids, tokenised once
     records = load_records(cfg.data or default_data(cfg.domain), cfg.domain, limit=cfg.limit or None, seed=cfg.seed)
-    records = drop_overlong(records, tokenizer, cfg.max_length)
+    records = drop_overlong(records, tokenizer, cfg.max_length, tokens)
     if not records:
         raise ValueError(f"no training example fits max_length={cfg.max_length}; raise max_length")
     records, monitor = attach_monitor(cfg, records, tracker, output_dir, train="sft", domain=cfg.domain,
                                       source=cfg.data or default_data(cfg.domain), seed=cfg.seed)
     log_training_data(tracker, records, cfg.data or default_data(cfg.domain))
+    train_dataset = sft_token_dataset(records, tokenizer, tokens)
     steps_per_epoch = math.ceil(len(records) / (cfg.batch_size * cfg.grad_accum))
     total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(steps_per_epoch * cfg.epochs))
+    clock.mark("data")
 
-    torch.manual_seed(cfg.seed)
-    cuda = torch.cuda.is_available()
-    model_config = base_model.config if base_model is not None else AutoConfig.from_pretrained(base.source, trust_remote_code=False)
-    settings = resolve_settings(cfg, spec.name, options, model_config)
-    if base_model is None:
-        model = precision.load_base_for_training(base.source, settings.dtype, cfg.attn_implementation,
-                                                 device=None if settings.device == "cpu" else settings.device)
-    else:
-        model = base_model
+    model = base_model if loading is None else loading.result()
+    clock.mark("weights")  # what the main thread still waited for (the load's own time: startup/weights_bg_s)
     if settings.liger:
         precision.apply_liger(model)
+    clock.mark("kernels")
     # KeepLoRA's gradient init waits for the trainer: its first shuffled micro-batch is the calibration batch
     ctx = BuildContext(defer_calibration=spec.needs_calibration and not structure_only, train="sft",
                        total_steps=total_steps, seed=cfg.seed, structure_only=structure_only)
@@ -174,6 +218,7 @@ def train_sft(cfg: SFTConfig, tracker, output_dir: str | Path, *, base_model=Non
     lean.prepare(model, settings.dtype, cuda)  # peft's adapter math without fp32 copies and full-size temporaries
     if settings.compile:
         precision.compile_layers(model)
+    clock.mark("adapter")
     trainable, total = ops.count_parameters(model)
     tracker.log_metrics({"arena/trainable_params": trainable, "arena/total_params": total,
                          "arena/train_examples": len(records)})
@@ -218,9 +263,9 @@ def train_sft(cfg: SFTConfig, tracker, output_dir: str | Path, *, base_model=Non
     callbacks = [*(spec.callbacks(model, options, ctx) if getattr(spec, "callbacks", None) else []), *monitor]
     guard = guards.guard_callback(lr, cfg.divergence_factor, cfg.divergence_patience)
     trainer = SFTTrainer(
-        model=model, args=args, train_dataset=sft_token_dataset(records, tokenizer), processing_class=tokenizer,
+        model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer,
         optimizers=(optimizer, None),
-        callbacks=[*callbacks, *extra_callbacks, guard, *ckpt.callbacks, *report_callbacks],
+        callbacks=[*callbacks, *extra_callbacks, guard, *ckpt.callbacks, *report_callbacks, clock.callback()],
     )
     tracker.set_tags(distributed.describe(trainer))  # also refuses an engine other than the one asked for
     if not structure_only:  # the guards' probe batch: the first micro-batch (the global RNG left as it was)
@@ -231,6 +276,7 @@ def train_sft(cfg: SFTConfig, tracker, output_dir: str | Path, *, base_model=Non
         batch = first_micro_batch(trainer)
         spec.calibrate(trainer.model, options, batch)
         tracker.log_params({"calibration_examples": int(batch["input_ids"].shape[0])})
+    clock.mark("trainer")
     with guards.overflow_is_divergence(lr):
         result = trainer.train(resume_from_checkpoint=str(ckpt.resume_from) if ckpt.resume_from else None)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -246,9 +292,9 @@ def train_sft(cfg: SFTConfig, tracker, output_dir: str | Path, *, base_model=Non
         "train/final_loss": losses[-1] if losses else float("nan"),
         "train/runtime_s": result.metrics.get("train_runtime", float("nan")),
     }
-    tracker.log_metrics(summary)
+    tracker.log_metrics({**summary, **clock.metrics()})
     trainer.accelerator.wait_for_everyone()  # rank 0 has uploaded the adapter before any process cleans up
     return {"adapter_dir": str(adapter_dir) if adapter_dir else None, "trainable_params": trainable,
             "total_params": total, "label": spec.label(options), "losses": losses, "steps": total_steps,
             "examples": len(records), "monitor_stopped": monitor[0].stopped if monitor else None,
-            "settings": settings.params(), **summary}
+            "settings": settings.params(), "startup": clock.metrics(), **summary}

@@ -1,0 +1,161 @@
+"""Where a training process's startup goes: wall-clock seconds per phase, from process start to the end of the first
+optimizer step.
+
+``train_sft`` marks the end of each phase it runs (imports, tokenizer, data, weights, adapter, trainer, ...); the
+callback from :meth:`StartupClock.callback` marks ``train_begin`` (the Trainer's optimizer/accelerate set-up) and
+``first_step`` (the first optimizer step, after a CUDA synchronise). :meth:`StartupClock.metrics` gives them as
+``startup/<phase>_s`` (each phase's own seconds) plus ``startup/to_first_step_s`` (process start to the end of the
+first step); the run logs those, ``bench/train_bench.py`` prints them.
+
+Time before the call (the interpreter, the caller's imports, for ``peft-arena train-sft`` the MLflow run's creation:
+``startup/run_setup_s`` and ``startup/module_imports_s`` there, ``startup/before_call_s`` for what is left) is
+measured from the process's start as the kernel recorded it (``/proc``), or from ``t0`` when the caller knows better
+(the bench passes its spawn time); a caller marks its own phases on the clock it passes. Work that runs in the background while the
+main thread goes on (the base's weights load while the data is tokenised) is reported by its own duration
+(``startup/<name>_bg_s``) next to the main-thread phase that waited for it.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import time
+from contextlib import contextmanager
+
+
+def process_start() -> float:
+    """This process's start as a ``time.time()`` value: its age from ``/proc/self/stat`` (clock ticks since boot, on
+    the boot clock) subtracted from now; the module's import time where ``/proc`` is not available."""
+    try:
+        with open("/proc/self/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 (starttime), after pid and (comm)
+        return time.time() - (time.clock_gettime(time.CLOCK_BOOTTIME) - started)
+    except (OSError, ValueError, IndexError, AttributeError):
+        return _IMPORTED
+
+
+_IMPORTED = time.time()
+
+
+_FIRST = True  # the process's first clock counts from the process's start; later ones from their creation
+
+
+class StartupClock:
+    """Phase ends on the wall clock; ``mark(name)`` closes the phase that began at the previous mark (or at ``t0``:
+    default, the process's start for its first clock, the clock's creation for later ones)."""
+
+    def __init__(self, t0: float | None = None):
+        global _FIRST
+        if t0 is None:
+            t0 = process_start() if _FIRST else time.time()
+        _FIRST = False
+        self.t0 = float(t0)
+        self.marks: list[tuple[str, float]] = []
+        self.background: dict[str, float] = {}
+
+    def mark(self, phase: str) -> None:
+        self.marks.append((phase, time.time()))
+
+    def record_background(self, name: str, seconds: float) -> None:
+        self.background[name] = seconds
+
+    @property
+    def first_step_done(self) -> bool:
+        return any(name == "first_step" for name, _ in self.marks)
+
+    def phases(self) -> dict[str, float]:
+        """``{phase: seconds}`` in order (a phase marked twice adds up); the first is ``before_call``."""
+        out: dict[str, float] = {}
+        previous = self.t0
+        for name, at in self.marks:
+            out[name] = out.get(name, 0.0) + (at - previous)
+            previous = at
+        return out
+
+    def metrics(self) -> dict[str, float]:
+        out = {f"startup/{name}_s": round(s, 3) for name, s in self.phases().items()}
+        out.update({f"startup/{name}_bg_s": round(s, 3) for name, s in self.background.items()})
+        if self.first_step_done:
+            out["startup/to_first_step_s"] = round(dict(self.marks)["first_step"] - self.t0, 3)
+        return out
+
+    def table(self) -> str:
+        """One line per phase (seconds, share of the time to the first step), for printing."""
+        total = dict(self.marks).get("first_step", self.marks[-1][1] if self.marks else self.t0) - self.t0
+        lines = [f"{name:<14} {s:7.2f} s  {100 * s / total if total else 0:5.1f} %" for name, s in self.phases().items()]
+        lines += [f"{name + ' (bg)':<14} {s:7.2f} s" for name, s in self.background.items()]
+        lines.append(f"{'total':<14} {total:7.2f} s")
+        return "\n".join(lines)
+
+    def callback(self):
+        """A TrainerCallback marking ``train_begin`` and, at the end of the first optimizer step, ``first_step``."""
+        from transformers import TrainerCallback
+
+        clock = self
+
+        class StartupCallback(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                if not clock.first_step_done:
+                    clock.mark("train_begin")
+
+            def on_step_end(self, args, state, control, **kwargs):
+                if clock.first_step_done:
+                    return
+                import torch
+
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()  # once: the step's kernels have run, not just been queued
+                clock.mark("first_step")
+
+        return StartupCallback()
+
+
+class Background:
+    """``fn()`` started in a thread now; :meth:`result` waits for it (re-raising its error) and records how long it
+    ran in ``clock`` under ``name``. For work that releases the GIL most of its time (reading safetensors shards,
+    copying them to the GPU) while the main thread does other work (tokenising the data)."""
+
+    def __init__(self, name: str, fn, clock: StartupClock | None = None):
+        import threading
+
+        self.name, self.clock = name, clock
+        self._value = self._error = None
+        self._seconds = 0.0
+
+        def run():
+            started = time.time()
+            try:
+                self._value = fn()
+            except BaseException as err:  # handed to the caller of result()
+                self._error = err
+            self._seconds = time.time() - started
+
+        self._thread = threading.Thread(target=run, name=f"peft-arena-{name}")
+        self._thread.start()
+
+    def result(self):
+        self._thread.join()
+        if self.clock is not None:
+            self.clock.record_background(self.name, self._seconds)
+        if self._error is not None:
+            raise self._error
+        value, self._value = self._value, None
+        return value
+
+
+@contextmanager
+def frozen_gc():
+    """The objects alive now (after the imports: ~500k modules, functions, classes) left out of the cyclic garbage
+    collector's scans until the block ends, when they go back to its oldest generation. Each full collection then
+    skips them: the Trainer's ``gc.collect()`` when training begins took ~0.5 s on a 2-core CPU, ~0 s frozen.
+    Nothing is freed later than it would be: garbage among them waits for the first full collection after the
+    block. A block inside another (or after someone else froze) changes nothing."""
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
