@@ -21,12 +21,13 @@ peft's own BOFT would not train a 7B model: each adapted layer holds its butterf
 m×in×in float buffer (about 97 GB in fp32 for all-linear Qwen2.5-7B at m=2, filled one Python assignment per
 feature) and every forward multiplies dense in×in matrices (in³ flops per factor, 18944³ for ``down_proj``). Here
 layers are built and loaded inside :func:`peft_boft_layers`: no dense permutation buffer is allocated, and
-:mod:`peft_arena.training.lean.boft` replaces peft's Linear forward and ``get_delta_weight`` with the same math on
+:mod:`peft_arena.training.lean.boft` replaces peft's Linear forward, merge and unmerge with the same math on
 index permutations (the rotation is block-diagonal with blocks of block_size·2^(m−1); the activations are rotated
-by one batched block product). The adapter's parameters, initialisation and saved file are peft's, so peft loads
-it; merging (promote, spectral) goes through peft's merge with a dense in×in rotation assembled from the blocks,
-one layer at a time (1.4 GB fp32 for ``down_proj`` at 7B). Training keeps one bf16 T×out tensor per adapted
-linear for the gradient of the output scale s (as DoRA does).
+by one batched block product; in training all layers' blocks are computed as one stack per layer shape). The
+adapter's parameters, initialisation and saved file are peft's, so peft loads it. Merging and unmerging (promote,
+spectral, TRL's weight sync to vLLM) rotate each weight by the same blocks (out·in·L flops instead of peft's
+in²·out with a dense rotation). Training keeps one bf16 T×out tensor per adapted linear for the gradient of the
+output scale s (as DoRA does).
 
 The butterfly factors need a block-diagonal kernel. peft ships it as a CUDA extension compiled at first use and,
 when that compilation fails (always on CPU), silently drops to m=1, i.e. plain OFT. Here peft's kernel slot holds
