@@ -8,8 +8,9 @@ BATCH = {"input_ids": torch.tensor([[5, 17, 99, 240, 7, 31], [8, 3, 77, 120, 64,
 N_ADAPTED = 7 * 2  # all-linear on the tiny model's two decoder layers
 
 
-def _model(source, method, options, dtype=torch.float32):
-    """The tiny model with larger weights and the adapter moved off its init, so that every term matters."""
+def _model(source, method, options, dtype=torch.float32, sharp=0.3):
+    """The tiny model with larger weights (std ``sharp``) and the adapter moved off its init, so that every term
+    matters."""
     from transformers import AutoModelForCausalLM
 
     from peft_arena.methods import ops
@@ -19,7 +20,7 @@ def _model(source, method, options, dtype=torch.float32):
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
-                p.normal_(0, 0.3)
+                p.normal_(0, sharp)
     model.to(dtype)
     model, _ = ops.build(model, method, options)
     torch.manual_seed(1)
@@ -44,7 +45,7 @@ def _counted(monkeypatch, module, function):
     return calls
 
 
-def _run(model, module, lean, autocast=False):
+def _run(model, module, lean, autocast=False, batch=BATCH):
     module.uninstall()
     if lean:
         module.install()
@@ -52,7 +53,7 @@ def _run(model, module, lean, autocast=False):
         model.zero_grad()
         torch.manual_seed(0)  # the same dropout masks
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            loss = model(**BATCH, use_cache=False).loss
+            loss = model(**batch, use_cache=False).loss
         loss.backward()
         grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
         return loss.item(), grads
@@ -87,27 +88,36 @@ def test_lean_matches_peft_in_fp32(tiny_source, monkeypatch, method, options):
 
 
 @pytest.mark.parametrize("method,options,casting", [
-    ("vera", {"dropout": 0.0, "r": 16}, True), ("vera", {"dropout": 0.3, "r": 16}, False), ("ia3", {}, True)])
-def test_lean_matches_peft_on_a_bf16_base_under_autocast(tiny_source, monkeypatch, method, options, casting):
-    """bf16 base, fp32 adapter, bf16 autocast (with peft's input casting on, and off as on the GPU)."""
+    ("vera", {"dropout": 0.0, "r": 16}, True), ("vera", {"dropout": 0.3, "r": 16}, False), ("ia3", {}, True),
+    ("ia3", {"feedforward_modules": "down_proj,up_proj"}, True)])
+def test_lean_is_as_accurate_as_peft_on_a_bf16_base_under_autocast(tiny_source, monkeypatch, method, options, casting):
+    """bf16 base, fp32 adapter, bf16 autocast (peft's input casting on, and off as on the GPU): the two round at
+    different places, so each is compared with the float64 gradient of the same (bf16-rounded) model."""
+    import copy
+
     from peft_arena.training import lean
 
     module, function = _lean_module(method)
-    model = _model(tiny_source, method, options, dtype=torch.bfloat16)
+    model = _model(tiny_source, method, options, dtype=torch.bfloat16, sharp=0.05)
     assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
     if not casting:
         lean.disable_input_casting(model)
-    loss_peft, grad_peft = _run(model, module, lean=False, autocast=True)
+    ids = torch.randint(5, 400, (4, 32), generator=torch.Generator().manual_seed(3))
+    batch = {"input_ids": ids, "labels": ids}
+    loss_ref, grad_ref = _run(copy.deepcopy(model).double(), module, lean=False, batch=batch)
+    loss_peft, grad_peft = _run(model, module, lean=False, autocast=True, batch=batch)
     calls = _counted(monkeypatch, module, function)
-    loss_lean, grad_lean = _run(model, module, lean=True, autocast=True)
+    loss_lean, grad_lean = _run(model, module, lean=True, autocast=True, batch=batch)
     assert len(calls) == N_ADAPTED
-    assert loss_lean == pytest.approx(loss_peft, rel=1e-3)  # the forward rounds where peft's does
-    scale = max(g.abs().max().item() for g in grad_peft.values())
-    for name, g in grad_peft.items():
-        assert g.abs().max() > 0, name
-        # bf16 precision: the backward rounds at other places (∂λ_b from dyᵀ·hd, λ_b folded into B). Measured: the
-        # two differ by <0.8% of the largest gradient, while each is 2-8% off the float64 gradient of the same model
-        assert torch.allclose(grad_lean[name], g, rtol=1e-2, atol=1.2e-2 * scale), name
+    assert loss_lean == pytest.approx(loss_ref, rel=2e-4) and loss_peft == pytest.approx(loss_ref, rel=2e-4)
+    ref = torch.cat([grad_ref[n].flatten() for n in sorted(grad_ref)]).double()
+
+    def error(grads):
+        return ((torch.cat([grads[n].flatten() for n in sorted(grad_ref)]).double() - ref).norm() / ref.norm()).item()
+
+    # measured: both ~1% off (bf16 autocast everywhere), lean/peft between 0.90 and 1.09
+    assert error(grad_peft) < 0.03
+    assert error(grad_lean) < 1.3 * error(grad_peft)
 
 
 def _saved_bytes(fn):

@@ -5,11 +5,14 @@ peft scales a feed-forward layer's input as ``(x.to(fp32) * l).to(x.dtype)`` and
 product, the fp32 copy of x is kept for l's gradient, and the backward pass makes fp32 copies again; at 7B with
 all-linear targets that is ~65k features per decoder layer, several full passes each way.
 
-Here one autograd function writes ``t ⊙ l`` in t's dtype with fp32 arithmetic inside the kernel (the same rounding
-as peft's: one cast of an exact fp32 product), keeps t in its own dtype for the backward pass, and gives
+Here one autograd function writes ``t ⊙ l`` in t's dtype with fp32 arithmetic inside the kernel, keeps t in its own
+dtype for the backward pass, and gives
 
-    ∂t = dy ⊙ l                (fp32 arithmetic, written in t's dtype: peft's rounding again)
+    ∂t = dy ⊙ l                (fp32 arithmetic, written in t's dtype)
     ∂l = Σ_tokens dy ⊙ t       (an fp32-accumulated reduction; the products are rounded to t's dtype first)
+
+On a bf16 t, l enters as l = 1 + δ with δ rounded to bf16 (see :class:`_Scale`), so every T×F kernel is a vectorised
+bf16 one; the result differs from peft's bf16(t·l) by at most |t·δ|·2⁻⁹, well below the output's own rounding.
 
 In fp32 it computes what peft computes (tests compare losses and gradients). Merged or disabled adapters, and
 vector dtypes narrower than the activations, keep peft's forward; several active adapters multiply their vectors as
@@ -24,24 +27,31 @@ _ORIGINAL: dict = {}
 
 
 class _Scale(torch.autograd.Function):
-    """y = t ⊙ l over t's last dimension, written in t's dtype; l's gradient reduced in fp32."""
+    """y = t ⊙ l over t's last dimension, written in t's dtype; l's gradient reduced in fp32.
+
+    On a bf16 t with an fp32 l, l enters as δ = l − 1 rounded to t's dtype: ``addcmul(t, t, δ)`` is t·l in one
+    vectorised kernel (fp32 arithmetic inside, one rounding), and δ in bf16 keeps l's small updates (l starts at 1);
+    a mixed bf16 × fp32 elementwise op would run PyTorch's slow non-vectorised casting kernel on the GPU instead.
+    """
 
     @staticmethod
     def forward(ctx, t, scale):
-        out = torch.empty_like(t)
-        torch.mul(t, scale, out=out)
+        if scale.dtype == t.dtype:
+            factor, out = scale, t * scale
+        else:
+            factor = (scale - 1).to(t.dtype)
+            out = torch.addcmul(t, t, factor)
         need_t, need_scale = ctx.needs_input_grad
-        ctx.save_for_backward(t if need_scale else None, scale if need_t else None)
-        ctx.scale_dtype = scale.dtype
+        ctx.save_for_backward(t if need_scale else None, factor if need_t else None)
+        ctx.scale_dtype, ctx.shifted = scale.dtype, scale.dtype != t.dtype
         return out
 
     @staticmethod
     def backward(ctx, dy):
-        t, scale = ctx.saved_tensors
+        t, factor = ctx.saved_tensors
         d_t = d_scale = None
         if ctx.needs_input_grad[0]:
-            d_t = torch.empty_like(dy)
-            torch.mul(dy, scale, out=d_t)
+            d_t = torch.addcmul(dy, dy, factor) if ctx.shifted else dy * factor
         if ctx.needs_input_grad[1]:
             d_scale = torch.mul(dy, t).sum(dim=tuple(range(dy.ndim - 1)), dtype=torch.float32).to(ctx.scale_dtype)
         return d_t, d_scale
