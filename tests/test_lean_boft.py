@@ -280,6 +280,12 @@ def test_prepared_model_stacks_every_layers_blocks(tiny_source, checkpointing):
             assert per_layer.call_count == 0
             assert [c.args[0].shape[:2] for c in stk.call_args_list] == [(12, 2), (2, 2)]
 
+        if checkpointing is None:  # generation-like no-grad forwards: stacked once, then kept
+            with mock.patch.object(lean_boft, "stacked_rotation_blocks",
+                                   wraps=lean_boft.stacked_rotation_blocks) as stk, torch.no_grad():
+                a, b = model(**BATCH, use_cache=False).logits, model(**BATCH, use_cache=False).logits
+            assert stk.call_count == 2 and torch.equal(a, b)
+
         # after an optimizer step, a call that bypasses the model's forward (no precompute) must not reuse the
         # blocks of the old parameters
         with torch.no_grad():
@@ -329,3 +335,28 @@ def test_train_sft_runs_lean_boft_with_checkpointing(tmp_path):
     assert any((seen["r1"][n] != seen["r0"][n]).any() for n in seen["r0"])
     assert result["settings"]["train.gradient_checkpointing"] is True
     assert all(loss == loss for loss in result["losses"])
+
+
+def test_blocks_made_without_grad_are_kept_until_the_parameters_change():
+    """Generation: the blocks are computed once per layer, reused by later no-grad forwards, renewed after an
+    update (and never reused by a forward that records a graph)."""
+    from unittest import mock
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 32))
+    model = _peft_boft(net, boft_block_size=8, boft_n_butterfly_factor=2, target_modules=["0", "1"],
+                       init_weights=False)
+    lean_boft.install()
+    x = torch.randn(2, 64)
+    with mock.patch.object(lean_boft, "rotation_blocks", wraps=lean_boft.rotation_blocks) as spy:
+        with torch.no_grad():
+            first = model(x)
+            assert torch.equal(model(x), first) and spy.call_count == 2
+            model.base_model.model[0].boft_R["default"].mul_(0.5)
+            changed = model(x)
+            assert spy.call_count == 3 and not torch.allclose(changed, first)
+        with_grad = model(x)
+        assert spy.call_count == 5 and with_grad.grad_fn is not None
+    lean_boft.uninstall()
+    with torch.no_grad():
+        torch.testing.assert_close(changed, model(x), rtol=1e-5, atol=1e-6)

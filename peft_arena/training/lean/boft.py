@@ -150,25 +150,46 @@ class _Gather(torch.autograd.Function):
 # step at 7B, each a few µs of GPU time and more of CPU dispatch. :func:`prepare` computes them for all layers of a
 # shape at the start of every forward of the model (two stacks for all-linear Qwen2.5-7B), before any checkpointed
 # region, so recomputation under gradient checkpointing finds the same tensors. A layer uses its precomputed blocks
-# only while they are current: same parameter object and version (an optimizer step bumps it), same grad mode.
-_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # layer -> {adapter: (blocks, param, version, grad)}
+# only while they are current: same parameter object, version (an optimizer step bumps it) and storage, same grad
+# mode. Blocks made without grad (generation, evaluation) are kept across forwards until the parameters change.
+_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # layer -> {adapter: (blocks, param, ...)}
 _HOOKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> hook handle
 _REENTRANT = {"seen": False}
+
+
+def _current(entry, param) -> bool:
+    blocks, owner, version, ptr, grad = entry
+    return owner is param and version == param._version and ptr == param.data_ptr() and grad == torch.is_grad_enabled()
 
 
 def _cached_blocks(layer, adapter: str):
     entry = _CACHE.get(layer, {}).get(adapter)
     if entry is None or _REENTRANT["seen"]:
         return None
-    blocks, param, version, grad = entry
-    if param is not layer.boft_R[adapter] or version != param._version:
-        return None
-    if grad != torch.is_grad_enabled():
-        if grad and layer.training:
-            # a training layer called without grad after a forward with grad: reentrant checkpointing, whose
-            # recomputation would run the shared stack's backward once per layer. Per-layer blocks from now on.
-            _REENTRANT["seen"] = True
-        return None
+    param = layer.boft_R[adapter]
+    if _current(entry, param):
+        return entry[0]
+    if entry[4] and not torch.is_grad_enabled() and layer.training and _current(entry[:4] + (False,), param):
+        # a training layer called without grad right after a forward with grad (same parameters): reentrant
+        # checkpointing, whose recomputation would run the shared stack's backward once per layer. Per-layer
+        # blocks from now on.
+        _REENTRANT["seen"] = True
+    return None
+
+
+def _store(layer, adapter: str, blocks: torch.Tensor, param) -> None:
+    _CACHE.setdefault(layer, {})[adapter] = (blocks, param, param._version, param.data_ptr(), torch.is_grad_enabled())
+
+
+def _layer_blocks(layer, adapter: str) -> torch.Tensor:
+    """The layer's blocks: precomputed ones while current, else computed here (and kept when no graph is recorded
+    and no dropout draws: generation reuses them until the parameters change)."""
+    blocks = _cached_blocks(layer, adapter)
+    if blocks is None:
+        blocks = rotation_blocks(layer, adapter)
+        drop = layer.boft_dropout[adapter]
+        if not torch.is_grad_enabled() and (isinstance(drop, nn.Identity) or not drop.training):
+            _store(layer, adapter, blocks, layer.boft_R[adapter])
     return blocks
 
 
@@ -184,12 +205,14 @@ def _precompute(model, args, layers) -> None:
             if not isinstance(drop, nn.Identity) and drop.training:
                 continue  # random per layer: computed in the layer's forward
             param = layer.boft_R[adapter]
+            entry = _CACHE.get(layer, {}).get(adapter)
+            if entry is not None and not torch.is_grad_enabled() and _current(entry, param):
+                continue  # no graph to renew and the same parameters: kept
             groups.setdefault((tuple(param.shape), param.dtype, param.device), []).append((layer, adapter, param))
-    grad = torch.is_grad_enabled()
     for members in groups.values():
         stacked = stacked_rotation_blocks(torch.stack([param for _, _, param in members]))
         for (layer, adapter, param), blocks in zip(members, stacked.unbind(0)):
-            _CACHE.setdefault(layer, {})[adapter] = (blocks, param, param._version, grad)
+            _store(layer, adapter, blocks, param)
 
 
 def prepare(model) -> int:
@@ -306,8 +329,7 @@ def _forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     scale = None
     # peft: rotation = M_ak···M_a1 (later adapters on the left), x @ rotation: the last adapter rotates x first
     for adapter in reversed(active):
-        blocks = _cached_blocks(self, adapter)
-        x = _BlockRotate.apply(x, rotation_blocks(self, adapter) if blocks is None else blocks)
+        x = _BlockRotate.apply(x, _layer_blocks(self, adapter))
     for adapter in active:
         s = self.boft_s[adapter].view(-1)
         scale = s if scale is None else s * scale
