@@ -280,11 +280,16 @@ def test_prepared_model_stacks_every_layers_blocks(tiny_source, checkpointing):
             assert per_layer.call_count == 0
             assert [c.args[0].shape[:2] for c in stk.call_args_list] == [(12, 2), (2, 2)]
 
-        if checkpointing is None:  # generation-like no-grad forwards: stacked once, then kept
+        if checkpointing is None:
+            with torch.no_grad():  # a no-grad call of the training model outside its forward is not reentrancy
+                model.base_model.model(**BATCH, use_cache=False)
+            assert not lean_boft._REENTRANT["seen"]
+            model.zero_grad()
+            model(**BATCH, use_cache=False).loss.backward()  # blocks with a graph again
             with mock.patch.object(lean_boft, "stacked_rotation_blocks",
                                    wraps=lean_boft.stacked_rotation_blocks) as stk, torch.no_grad():
                 a, b = model(**BATCH, use_cache=False).logits, model(**BATCH, use_cache=False).logits
-            assert stk.call_count == 2 and torch.equal(a, b)
+            assert stk.call_count == 2 and torch.equal(a, b)  # generation-like: stacked once, then kept
 
         # after an optimizer step, a call that bypasses the model's forward (no precompute) must not reuse the
         # blocks of the old parameters

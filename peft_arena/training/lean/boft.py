@@ -155,6 +155,7 @@ class _Gather(torch.autograd.Function):
 _CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # layer -> {adapter: (blocks, param, ...)}
 _HOOKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> hook handle
 _REENTRANT = {"seen": False}
+_IN_FORWARD = {"depth": 0}  # prepared models' forwards running
 
 
 def _current(entry, param) -> bool:
@@ -169,8 +170,9 @@ def _cached_blocks(layer, adapter: str):
     param = layer.boft_R[adapter]
     if _current(entry, param):
         return entry[0]
-    if entry[4] and not torch.is_grad_enabled() and layer.training and _current(entry[:4] + (False,), param):
-        # a training layer called without grad right after a forward with grad (same parameters): reentrant
+    if (entry[4] and _IN_FORWARD["depth"] and not torch.is_grad_enabled() and layer.training
+            and _current(entry[:4] + (False,), param)):
+        # a training layer called without grad inside a prepared model's forward with grad: reentrant
         # checkpointing, whose recomputation would run the shared stack's backward once per layer. Per-layer
         # blocks from now on.
         _REENTRANT["seen"] = True
@@ -193,7 +195,12 @@ def _layer_blocks(layer, adapter: str) -> torch.Tensor:
     return blocks
 
 
+def _leave(model, args, output) -> None:
+    _IN_FORWARD["depth"] -= 1
+
+
 def _precompute(model, args, layers) -> None:
+    _IN_FORWARD["depth"] += 1
     groups: dict = {}
     for layer in layers:
         if layer.merged or layer.disable_adapters:
@@ -223,7 +230,8 @@ def prepare(model) -> int:
 
     layers = [m for m in model.modules() if isinstance(m, Linear)]
     if layers and model not in _HOOKS:
-        _HOOKS[model] = model.register_forward_pre_hook(functools.partial(_precompute, layers=layers))
+        _HOOKS[model] = (model.register_forward_pre_hook(functools.partial(_precompute, layers=layers)),
+                         model.register_forward_hook(_leave, always_call=True))
     return len(layers)
 
 
