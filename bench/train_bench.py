@@ -315,6 +315,24 @@ def cmd_ours(args) -> dict:
     return out
 
 
+def cmd_startup(args) -> dict:
+    """One ``train-sft`` start as a user's next run makes it: a fresh process loads the saved folder and trains LoRA
+    for one step; the time from process start to the end of that step, by phase."""
+    from peft_arena.training.startup import StartupClock
+
+    startup = StartupClock(t0=T0)
+    import torch  # noqa: F401
+
+    startup.mark("python_torch")
+    import peft_arena.training.sft  # noqa: F401
+
+    startup.mark("module_imports")
+    result, clock = run_ours(args.folder, args.data[str(args.short_seq)], "lora", args.short_seq, args.batch, 1, 1,
+                             tempfile.mkdtemp(prefix="bench-startup-"), startup=startup)
+    return {"first_step_s": round(result["startup"]["startup/to_first_step_s"], 1), "startup": result["startup"],
+            "triton_cache": os.environ.get("TRITON_CACHE_DIR", "default")}
+
+
 def cmd_init(args) -> dict:
     """Real GPU initialisations of PiSSA / MiLoRA / KeepLoRA on the first N decoder layers of the saved base."""
     import torch
@@ -353,9 +371,9 @@ def cmd_init(args) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ orchestrator
-def spawn(argv: list[str], timeout: int) -> dict:
+def spawn(argv: list[str], timeout: int, env: dict | None = None) -> dict:
     """Run one phase in a fresh process; its RESULT line, or (on failure/timeout) the CELL lines it printed."""
-    env = {**os.environ, "BENCH_T0": repr(time.time()), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, **(env or {}), "BENCH_T0": repr(time.time()), "PYTHONUNBUFFERED": "1"}
     log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
     proc = subprocess.Popen([sys.executable, __file__, *argv], env=env, stdout=subprocess.PIPE, stderr=log, text=True)
     try:
@@ -421,6 +439,8 @@ def table(summary: dict) -> str:
              f"| ours: train-sft, LoRA r16 | {s['ours_tok_s']} | {s['ours_peak_gib']} |",
              "", f"ours / tuned peer: {s['ratio']}x; process start to first optimizer step: {s['first_step_s']} s", "",
              *startup_lines(s.get("startup")),
+             *(f"separate start, {kind} Triton cache: {r.get('first_step_s')} s to the first step"
+               for kind, r in (s.get("startup_runs") or {}).items()), "",
              f"| method | step / LoRA's | tok/s | peak GiB | checkpointing | {s['long_seq']}-token protocol "
              f"(micro {s['long_micro_batch']} x accum {s['long_grad_accum']}) | peak GiB there |",
              "|---|---|---|---|---|---|---|"]
@@ -472,6 +492,19 @@ def cmd_all(args) -> int:
                   "--seqs", args.seqs, "--short-seq", str(args.short_seq), "--batch", str(args.batch),
                   "--long-batch", str(args.long_batch), "--long-accum", str(args.long_accum),
                   *sum((["--set", kv] for kv in args.set or []), []), *common], int(min(args.timeout, left)))
+    startups = {}
+    for kind in [k for k in (args.startup_runs or "").split(",") if k]:
+        left = args.budget - (time.time() - started) - 10 if args.budget else args.timeout
+        if left < 60:
+            startups[kind] = {"skipped": f"only {left:.0f} s of the --budget left"}
+            continue
+        # cold: an empty Triton cache (the first run on a machine JIT-compiles Liger's and TRL's kernels); warm: the
+        # cache the earlier phases filled (a user's next run)
+        env = {"TRITON_CACHE_DIR": tempfile.mkdtemp(prefix="triton-cold-")} if kind == "cold" else {}
+        startups[kind] = spawn(["startup", "--folder", folder, "--data-json", json.dumps(data), "--short-seq",
+                                str(args.short_seq), "--batch", str(args.batch), *common],
+                               int(min(args.timeout, left)), env=env)
+        print("startup", kind, startups[kind], flush=True)
     init = {}
     left = args.budget - (time.time() - started) - 10 if args.budget else args.timeout
     if args.init_layers and left < 45:
@@ -480,6 +513,7 @@ def cmd_all(args) -> int:
         init = spawn(["init", "--folder", folder, "--data-json", json.dumps(data), "--init-layers",
                       str(args.init_layers), "--short-seq", str(args.short_seq), *common], int(min(args.timeout, left)))
     summary = summarise(peers, ours, init, args)
+    summary["startup_runs"] = startups
     summary["bench_seconds"] = round(time.time() - started, 1)
     summary["complete"] = "error" not in ours and len(summary["methods"]) == len(args.methods.split(","))
     if "error" in ours:
@@ -495,7 +529,7 @@ def cmd_all(args) -> int:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("phase", nargs="?", default="all", choices=["all", "peer", "prepare", "ours", "init"])
+    p.add_argument("phase", nargs="?", default="all", choices=["all", "peer", "prepare", "ours", "startup", "init"])
     p.add_argument("--base", default="qwen2.5-7b")
     p.add_argument("--methods", default=",".join(PEFT_METHODS))
     p.add_argument("--seqs", default="2048,8192", help="sequence lengths; the largest is the paper protocol check")
@@ -512,6 +546,9 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", help="extra train-sft override for ours, e.g. compile=on")
     p.add_argument("--init-layers", type=int, default=0, help="time real PiSSA/MiLoRA/KeepLoRA inits on N layers")
     p.add_argument("--skip-peers", action="store_true")
+    p.add_argument("--startup-runs", default="warm", help="extra fresh-process starts timed after the sweep: warm "
+                   "(Triton's kernel cache as the earlier phases left it), cold (an empty one); comma-separated, "
+                   "'' for none")
     p.add_argument("--work", default="", help="scratch folder (the saved random base goes here)")
     p.add_argument("--out", default="")
     p.add_argument("--timeout", type=int, default=500, help="seconds per phase")
@@ -529,7 +566,8 @@ def main(argv=None) -> int:
         _register_tiny_config()
     if args.phase == "all":
         return cmd_all(args)
-    fn = {"peer": cmd_peer, "prepare": cmd_prepare, "ours": cmd_ours, "init": cmd_init}[args.phase]
+    fn = {"peer": cmd_peer, "prepare": cmd_prepare, "ours": cmd_ours, "startup": cmd_startup,
+          "init": cmd_init}[args.phase]
     print("RESULT " + json.dumps(fn(args)), flush=True)
     return 0
 
