@@ -2,11 +2,11 @@
 
 The seven projections of a Llama/Qwen block with the shipped config's sizes (bf16 base weights, fp32 adapters as
 peft makes them, bf16 autocast, the lean forwards and no input casting, as ``train-sft`` runs them) get one
-adapter each; every projection reads a random bf16 input of ``--tokens`` rows and the step is
-``sum(y · g)`` backward for a fixed random g (input gradients included). Prints milliseconds per step (median of ``--reps``) and the overhead
-over the frozen base alone, for each method and, for BOFT, each rotation tile width (``--boft-widths``). A step of
-the full model is about 28× this for Qwen2.5-7B, plus attention, norms and the loss; bench/train_bench.py is the
-end-to-end figure.
+adapter each; every projection reads a random bf16 input of ``--tokens`` rows and the step is ``sum(y · g)``
+backward for a fixed random g (input gradients included). Prints milliseconds per step (median of ``--reps``) and
+the overhead over the frozen base alone, for each method and, for BOFT, each rotation tile width
+(``--boft-widths``). A step of the full model is about 28× this for Qwen2.5-7B, plus attention, norms and the
+loss; bench/train_bench.py is the end-to-end figure.
 
     python bench/adapter_layer_bench.py --base qwen2.5-7b --tokens 8192 --methods lora,boft,miss
     python bench/adapter_layer_bench.py --smoke     # CPU, small shapes: checks the harness only

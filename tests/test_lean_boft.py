@@ -365,3 +365,19 @@ def test_blocks_made_without_grad_are_kept_until_the_parameters_change():
     lean_boft.uninstall()
     with torch.no_grad():
         torch.testing.assert_close(changed, model(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("factors", [1, 3])
+def test_first_use_in_inference_mode_does_not_break_training(factors):
+    """The cached permutations and identities are made as normal tensors even in inference mode."""
+    lean_boft._gathers.cache_clear()
+    lean_boft._identities.cache_clear()
+    torch.manual_seed(0)
+    model = _peft_boft(torch.nn.Sequential(torch.nn.Linear(96, 32)), boft_block_size=4, boft_n_butterfly_factor=factors,
+                       target_modules=["0"], init_weights=False)
+    lean_boft.install()
+    x = torch.randn(2, 96)
+    with torch.inference_mode():
+        model(x)
+    model(x).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)

@@ -65,7 +65,13 @@ def butterfly_perm(n: int, block_num: int, block_size: int, n_factors: int, i: i
 
 @functools.lru_cache(maxsize=None)
 def _gathers(n: int, block_num: int, block_size: int, n_factors: int, device: torch.device) -> tuple:
-    """Per factor (perm, inverse perm) on ``device``, or None where peft's permutation is the identity."""
+    """Per factor (perm, inverse perm) on ``device``, or None where peft's permutation is the identity. Cached, so
+    made as normal tensors also when first asked for under ``torch.inference_mode`` (autograd saves them later)."""
+    with torch.inference_mode(False):
+        return _make_gathers(n, block_num, block_size, n_factors, device)
+
+
+def _make_gathers(n, block_num, block_size, n_factors, device) -> tuple:
     out = []
     for i in range(n_factors):
         perm = butterfly_perm(n, block_num, block_size, n_factors, i)
@@ -128,7 +134,8 @@ def stacked_rotation_blocks(boft_R: torch.Tensor, dropout=None) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=None)
 def _identities(n: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    return torch.eye(width, device=device, dtype=dtype).repeat(n // width, 1)
+    with torch.inference_mode(False):  # cached: a normal tensor even when first asked for in inference mode
+        return torch.eye(width, device=device, dtype=dtype).repeat(n // width, 1)
 
 
 class _Gather(torch.autograd.Function):
