@@ -254,6 +254,7 @@ def cmd_ours(args) -> dict:
 
     startup = StartupClock(t0=T0)  # the first call's phases, from this process's spawn
     startup.mark("python_torch")  # the interpreter, this script, import torch
+    startup.prefetch(args.folder)  # as train-sft does before its imports
     import peft_arena.training.sft  # noqa: F401
 
     startup.mark("module_imports")
@@ -324,6 +325,7 @@ def cmd_startup(args) -> dict:
     import torch  # noqa: F401
 
     startup.mark("python_torch")
+    startup.prefetch(args.folder)  # as train-sft does before its imports
     import peft_arena.training.sft  # noqa: F401
 
     startup.mark("module_imports")

@@ -102,3 +102,26 @@ def test_bad_data_fails_with_its_own_error_while_the_base_loads(tmp_path):
     with pytest.raises(ValueError, match="no training example fits max_length=8"):
         sft.train_sft(cfg, MemoryTracker(), tmp_path)
     assert gc.get_freeze_count() == 0
+
+
+def test_prefetch_reads_a_cold_local_folder_into_the_page_cache(tmp_path):
+    import os
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    shard = folder / "model.safetensors"
+    shard.write_bytes(os.urandom(4 << 20))
+    with open(shard, "rb+") as fh:
+        os.fsync(fh.fileno())
+        os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    assert startup.resident_fraction(shard) < 0.5
+    thread = startup.prefetch_weights(str(folder), chunk=1 << 20)
+    thread.join(10)
+    assert startup.resident_fraction(shard) > 0.9
+    stats = startup.PREFETCH_STATS[str(folder)]
+    assert stats["done"] and stats["read_gib"] == pytest.approx(4 / 1024)
+    assert startup.prefetch_weights(str(folder)) is None  # once per source and process
+    assert startup.prefetch_base("Qwen/Qwen2.5-7B") is None and startup.prefetch_base("no such base") is None
+    clock = startup.StartupClock()
+    clock.prefetch(str(folder))  # already prefetched in this process: nothing started, nothing reported
+    assert clock.prefetched == [] and "startup/prefetch_read_gib" not in clock.metrics()

@@ -98,6 +98,7 @@ def run_train_sft(cfg: SFTConfig, tracker) -> dict:
 
     clock = StartupClock()  # startup/* metrics: from the process's start to the first optimizer step
     clock.mark("run_setup")  # the interpreter, the CLI, the MLflow run
+    clock.prefetch(cfg.base_model)  # a local folder's shards read into the page cache while the imports run
     from peft_arena.training.sft import train_sft
 
     clock.mark("module_imports")  # torch, transformers, peft, ... as training/sft.py imports them
