@@ -28,7 +28,7 @@ from peft_arena.models import load_tokenizer, resolve_base
 from peft_arena.training import checkpoints, distributed, guards
 from peft_arena.training.monitor import attach_monitor
 from peft_arena.training import lean, precision
-from peft_arena.training.startup import Background, StartupClock, frozen_gc
+from peft_arena.training.startup import Background, StartupClock, frozen_gc, warm_cuda
 
 
 def log_training_data(tracker, records: list[dict], source: str) -> None:
@@ -187,10 +187,12 @@ def _train_sft(cfg: SFTConfig, tracker, output_dir, base_model, extra_callbacks,
                     else AutoConfig.from_pretrained(base.source, trust_remote_code=False))
     settings = resolve_settings(cfg, spec.name, options, model_config)  # initialises CUDA
     clock.mark("config")
-    # the base's weights load in the background while the data is read and tokenised (nothing there uses torch)
-    loading = None if base_model is not None else Background("weights", lambda: precision.load_base_for_training(
-        base.source, settings.dtype, cfg.attn_implementation,
-        device=None if settings.device == "cpu" else settings.device), clock)
+    def load():  # in the background while the data is read and tokenised (nothing there makes torch tensors)
+        warm_cuda(settings.device, settings.dtype)  # cuBLAS / attention libraries loaded while the weights stream in
+        return precision.load_base_for_training(base.source, settings.dtype, cfg.attn_implementation,
+                                                device=None if settings.device == "cpu" else settings.device)
+
+    loading = None if base_model is not None else Background("weights", load, clock)
 
     tokenizer = load_tokenizer(base.source)
     tokenizer.padding_side = "right"

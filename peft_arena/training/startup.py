@@ -272,3 +272,20 @@ def prefetch_weights(source: str, chunk: int = 8 << 20):
     thread = threading.Thread(target=run, name="peft-arena-prefetch", daemon=True)
     thread.start()
     return thread
+
+
+def warm_cuda(device: str, dtype) -> None:
+    """Load the CUDA math libraries a training step needs (cuBLAS/cuBLASLt for the matmuls, the attention kernels'
+    library for SDPA) with tiny tensors, in the loader thread while the weights stream in, instead of inside the
+    first forward. Zeros only: no random number is drawn (the CUDA generator's state is left as it was). A cuBLAS
+    handle made here goes back to PyTorch's pool when the thread ends and is reused by the main thread."""
+    import torch
+    import torch.nn.functional as F
+
+    if not str(device).startswith("cuda"):
+        return
+    a = torch.zeros(64, 64, dtype=dtype, device=device, requires_grad=True)
+    (a @ a).sum().backward()
+    q = torch.zeros(1, 4, 16, 128, dtype=dtype, device=device, requires_grad=True)
+    F.scaled_dot_product_attention(q, q, q, is_causal=True).sum().backward()
+    torch.cuda.synchronize(device)
