@@ -37,6 +37,11 @@ def test_background_returns_the_value_or_raises_the_error_and_records_its_time()
     with pytest.raises(ValueError, match="no such folder"):
         startup.Background("broken", fail, clock).result()
 
+    dropped = startup.Background("dropped", lambda: (time.sleep(0.05), object())[1])
+    dropped.discard()  # the caller failed first: what the thread makes is not kept
+    dropped._thread.join()
+    assert dropped._value is None
+
 
 def test_frozen_gc_is_undone_at_the_end_and_nests():
     assert gc.get_freeze_count() == 0

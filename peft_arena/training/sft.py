@@ -194,21 +194,27 @@ def _train_sft(cfg: SFTConfig, tracker, output_dir, base_model, extra_callbacks,
 
     loading = None if base_model is not None else Background("weights", load, clock)
 
-    tokenizer = load_tokenizer(base.source)
-    tokenizer.padding_side = "right"
-    clock.mark("tokenizer")
-    tokens: dict = {}  # each kept record's ids, tokenised once
-    records = load_records(cfg.data or default_data(cfg.domain), cfg.domain, limit=cfg.limit or None, seed=cfg.seed)
-    records = drop_overlong(records, tokenizer, cfg.max_length, tokens)
-    if not records:
-        raise ValueError(f"no training example fits max_length={cfg.max_length}; raise max_length")
-    records, monitor = attach_monitor(cfg, records, tracker, output_dir, train="sft", domain=cfg.domain,
-                                      source=cfg.data or default_data(cfg.domain), seed=cfg.seed)
-    log_training_data(tracker, records, cfg.data or default_data(cfg.domain))
-    train_dataset = sft_token_dataset(records, tokenizer, tokens)
-    steps_per_epoch = math.ceil(len(records) / (cfg.batch_size * cfg.grad_accum))
-    total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(steps_per_epoch * cfg.epochs))
-    clock.mark("data")
+    try:
+        tokenizer = load_tokenizer(base.source)
+        tokenizer.padding_side = "right"
+        clock.mark("tokenizer")
+        tokens: dict = {}  # each kept record's ids, tokenised once
+        records = load_records(cfg.data or default_data(cfg.domain), cfg.domain, limit=cfg.limit or None,
+                               seed=cfg.seed)
+        records = drop_overlong(records, tokenizer, cfg.max_length, tokens)
+        if not records:
+            raise ValueError(f"no training example fits max_length={cfg.max_length}; raise max_length")
+        records, monitor = attach_monitor(cfg, records, tracker, output_dir, train="sft", domain=cfg.domain,
+                                          source=cfg.data or default_data(cfg.domain), seed=cfg.seed)
+        log_training_data(tracker, records, cfg.data or default_data(cfg.domain))
+        train_dataset = sft_token_dataset(records, tokenizer, tokens)
+        steps_per_epoch = math.ceil(len(records) / (cfg.batch_size * cfg.grad_accum))
+        total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(steps_per_epoch * cfg.epochs))
+        clock.mark("data")
+    except BaseException:
+        if loading is not None:
+            loading.discard()  # the base still loading is dropped when it arrives, not kept by the traceback
+        raise
 
     model = base_model if loading is None else loading.result()
     clock.mark("weights")  # what the main thread still waited for (the load's own time: startup/weights_bg_s)

@@ -1,20 +1,22 @@
 """Where a training process's startup goes: wall-clock seconds per phase, from process start to the end of the first
 optimizer step.
 
-``train_sft`` marks the end of each phase it runs (imports, tokenizer, data, weights, adapter, trainer, ...); the
-callback from :meth:`StartupClock.callback` marks ``train_begin`` (the Trainer's optimizer/accelerate set-up) and
-``first_step`` (the first optimizer step, after a CUDA synchronise). :meth:`StartupClock.metrics` gives them as
-``startup/<phase>_s`` (each phase's own seconds) plus ``startup/to_first_step_s`` (process start to the end of the
-first step); the run logs those, ``bench/train_bench.py`` prints them.
+``train_sft`` marks the end of each phase it runs (imports, config, tokenizer, data, weights, adapter, trainer, ...);
+the callback from :meth:`StartupClock.callback` marks ``train_begin`` (the Trainer's optimizer/accelerate set-up and
+the guards' probe forward) and ``first_step`` (the first optimizer step, after a CUDA synchronise).
+:meth:`StartupClock.metrics` gives them as ``startup/<phase>_s`` (each phase's own seconds) plus
+``startup/to_first_step_s`` (process start to the end of the first step); the run logs those, ``bench/train_bench.py``
+prints them.
 
-Time before the call (the interpreter, the caller's imports, for ``peft-arena train-sft`` the MLflow run's creation:
-``startup/run_setup_s`` and ``startup/module_imports_s`` there, ``startup/before_call_s`` for what is left) is
-measured from the process's start as the kernel recorded it (``/proc``), or from ``t0`` when the caller knows better
-(the bench passes its spawn time); a caller marks its own phases on the clock it passes. Work that runs in the background while the
-main thread goes on (the base's weights load while the data is tokenised) is reported by its own duration
-(``startup/<name>_bg_s``) next to the main-thread phase that waited for it. :meth:`StartupClock.prefetch` reads a
-local folder's safetensors shards into the page cache in a daemon thread as early as the caller can (before the
-heavy imports), so a cold disk is read while the process imports (``startup/prefetch_read_gib``: 0 when cached).
+Time before the call (the interpreter, the caller's imports, for ``peft-arena train-sft`` the MLflow run:
+``startup/run_setup_s`` and ``startup/module_imports_s`` there, ``startup/before_call_s`` for what is left) counts
+from the process's start as the kernel recorded it (``/proc``), or from ``t0`` when the caller knows better (the
+bench passes its spawn time); a caller marks its own phases on the clock it passes. Work that runs in the
+background while the main thread goes on (:class:`Background`: the base's weights load while the data is tokenised)
+is reported by its own duration (``startup/<name>_bg_s``) next to the main-thread phase that waited for it.
+:meth:`StartupClock.prefetch` reads a local folder's safetensors shards into the page cache in a daemon thread as
+early as the caller can (before the heavy imports), so a cold disk is read while the process imports
+(``startup/prefetch_read_gib``: 0 when the shards were cached already).
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ class StartupClock:
         return any(name == "first_step" for name, _ in self.marks)
 
     def phases(self) -> dict[str, float]:
-        """``{phase: seconds}`` in order (a phase marked twice adds up); the first is ``before_call``."""
+        """``{phase: seconds}`` in the order marked (a phase marked twice adds up); the first counts from ``t0``."""
         out: dict[str, float] = {}
         previous = self.t0
         for name, at in self.marks:
@@ -96,7 +98,8 @@ class StartupClock:
     def table(self) -> str:
         """One line per phase (seconds, share of the time to the first step), for printing."""
         total = dict(self.marks).get("first_step", self.marks[-1][1] if self.marks else self.t0) - self.t0
-        lines = [f"{name:<14} {s:7.2f} s  {100 * s / total if total else 0:5.1f} %" for name, s in self.phases().items()]
+        lines = [f"{name:<14} {s:7.2f} s  {100 * s / total if total else 0:5.1f} %"
+                 for name, s in self.phases().items()]
         lines += [f"{name + ' (bg)':<14} {s:7.2f} s" for name, s in self.background.items()]
         lines.append(f"{'total':<14} {total:7.2f} s")
         return "\n".join(lines)
@@ -135,6 +138,8 @@ class Background:
         self.name, self.clock = name, clock
         self._value = self._error = None
         self._seconds = 0.0
+        self._discarded = self._finished = False
+        self._lock = threading.Lock()
 
         def run():
             started = time.time()
@@ -143,9 +148,21 @@ class Background:
             except BaseException as err:  # handed to the caller of result()
                 self._error = err
             self._seconds = time.time() - started
+            with self._lock:
+                self._finished = True
+                if self._discarded:  # nobody will take it: free it (a loaded model) now
+                    self._value = self._error = None
 
         self._thread = threading.Thread(target=run, name=f"peft-arena-{name}")
         self._thread.start()
+
+    def discard(self) -> None:
+        """The caller failed before taking the result: the thread finishes, then drops what it made (nothing stays
+        referenced from a traceback that keeps this object alive)."""
+        with self._lock:
+            self._discarded = True
+            if self._finished:
+                self._value = self._error = None
 
     def result(self):
         self._thread.join()
