@@ -458,7 +458,7 @@ def startup_lines(startup: dict | None) -> list[str]:
         return []
     names = [k for k in startup if k.startswith("startup/") and k != "startup/to_first_step_s"]
     return ["| startup phase | seconds |", "|---|---|",
-            *(f"| {k[len('startup/'):-2]} | {startup[k]} |" for k in names),
+            *(f"| {k[len('startup/'):].removesuffix('_s')} | {startup[k]} |" for k in names),
             f"| to the first step | {startup.get('startup/to_first_step_s')} |", ""]
 
 
