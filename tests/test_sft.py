@@ -21,12 +21,12 @@ def test_target_is_the_answer_and_eos_after_the_chat_prompt(tokenizer):
     records = load_records("math-sample", "math", limit=2)
     ds = sft.sft_token_dataset(records, tokenizer)
     row = ds[0]
-    prompt_len = row["completion_mask"].index(1)
+    prompt_len = next(i for i, label in enumerate(row["labels"]) if label != -100)
     prompt = tokenizer.decode(row["input_ids"][:prompt_len])
     target = tokenizer.decode(row["input_ids"][prompt_len:])
     assert prompt.endswith("<|im_start|>assistant\n") and records[0]["question"] in prompt
     assert target == records[0]["answer"] + tokenizer.eos_token
-    assert sum(row["completion_mask"]) == len(row["input_ids"]) - prompt_len
+    assert row["labels"][prompt_len:] == row["input_ids"][prompt_len:] and set(row["labels"][:prompt_len]) == {-100}
 
 
 def test_a_base_model_learns_to_stop_with_its_eos_not_the_chat_end_token(tokenizer):

@@ -71,7 +71,7 @@ def test_records_are_tokenised_once_with_the_same_ids():
     assert not calls  # the dataset reuses drop_overlong's ids
     fresh = sft.sft_token_dataset(kept, tokenizer)
     assert len(calls) == len(kept)
-    assert dataset["input_ids"] == fresh["input_ids"] and dataset["completion_mask"] == fresh["completion_mask"]
+    assert dataset["input_ids"] == fresh["input_ids"] and dataset["labels"] == fresh["labels"]
 
 
 def test_train_sft_times_its_startup_and_loads_the_base_in_the_background_to_the_same_result(tmp_path):

@@ -6,7 +6,7 @@ Qwen2.5-7B learns to stop with its EOS (``<|endoftext|>``), not with the chat te
 instruct model with its own EOS (which is its end-of-turn token) – tokenised without special tokens; loss on the
 response tokens only, over-long examples dropped rather than truncated, AdamW (0.9, 0.95), weight decay 0.01,
 gradient clipping 1.0, cosine schedule with 10 % linear warmup to 0. The examples reach TRL already tokenised
-(``input_ids`` + ``completion_mask``), so TRL's own chat rendering never changes the target.
+(``input_ids`` + ``labels``, -100 on the prompt), so TRL's own chat rendering never changes the target.
 
 KeepLoRA's calibration batch is the trainer's own first micro-batch (its shuffled sampler's first draw), taken
 after the trainer is built and before it trains; see :func:`first_micro_batch`.
@@ -85,9 +85,10 @@ def drop_overlong(records: list[dict], tokenizer, max_length: int, tokens: dict 
 
 
 def sft_token_dataset(records: list[dict], tokenizer, tokens: dict | None = None):
-    """The training examples, tokenised as the paper does (:func:`tokenize_example`): ``input_ids`` and a
-    ``completion_mask`` that is 1 on the answer + EOS tokens (TRL turns it into the labels). ``tokens``: ids
-    already made by :func:`drop_overlong` (by ``id(record)``); the others are tokenised here."""
+    """The training examples, tokenised as the paper does (:func:`tokenize_example`): ``input_ids`` and ``labels``
+    (the answer + EOS tokens; -100 on the prompt) — what TRL's completion-only preparation makes from a
+    ``completion_mask``, built here in the same pass instead of by a second per-example ``Dataset.map``.
+    ``tokens``: ids already made by :func:`drop_overlong` (by ``id(record)``); the others are tokenised here."""
     from datasets import Dataset
 
     for rec in records:
@@ -99,8 +100,7 @@ def sft_token_dataset(records: list[dict], tokenizer, tokens: dict | None = None
     rows = []
     for rec in records:
         prompt_ids, response_ids = tokens.get(id(rec)) or made[id(rec)]
-        rows.append({"input_ids": prompt_ids + response_ids,
-                     "completion_mask": [0] * len(prompt_ids) + [1] * len(response_ids)})
+        rows.append({"input_ids": prompt_ids + response_ids, "labels": [-100] * len(prompt_ids) + response_ids})
     if not rows:
         raise ValueError("no records to build an SFT dataset from")
     return Dataset.from_list(rows)
