@@ -255,8 +255,9 @@ def _train_sft(cfg: SFTConfig, tracker, output_dir, base_model, extra_callbacks,
         **ckpt.args,
         report_to=report_to,
         run_name=cfg.run_name or None,
-        # padding-free: over-long examples were dropped above, so nothing needs truncating
-        max_length=None if settings.padding_free else cfg.max_length,
+        # over-long examples were dropped above and every example has answer tokens (at least EOS): TRL's
+        # truncation map and fully-masked filter would change nothing, so they are not run
+        max_length=None,
         padding_free=settings.padding_free,
         completion_only_loss=True,
         use_cpu=not cuda,
