@@ -275,8 +275,12 @@ def prefetch_weights(source: str, chunk: int = 8 << 20):
         started, buf = time.time(), bytearray(chunk)
         for path in files:
             try:
-                if resident_fraction(path) >= 0.9:
-                    continue
+                cached = resident_fraction(path) >= 0.9
+            except Exception:  # no mincore here (not Linux/macOS): read the shard anyway
+                cached = False
+            if cached:
+                continue
+            try:
                 with open(path, "rb", buffering=0) as fh:
                     while n := fh.readinto(buf):
                         stats["read_gib"] += n / 1024 ** 3
