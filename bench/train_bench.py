@@ -431,6 +431,34 @@ def summarise(peers: dict, ours: dict, init: dict, args) -> dict:
     return summary
 
 
+def first_step_summary(first_call_s, startups: list[dict], setting: str) -> dict:
+    """The time to the first step a user sees: the median of the warm separate starts (a user's next run: packages
+    byte-compiled, the folder in the page cache, Triton's kernels cached); the cold-Triton start (a machine's first
+    run) and the sweep's first call (which also imported the data libraries first) next to it, labelled."""
+    import statistics
+
+    warm = [r["first_step_s"] for r in startups if r.get("kind") == "warm" and r.get("first_step_s")]
+    cold = [r["first_step_s"] for r in startups if r.get("kind") == "cold" and r.get("first_step_s")]
+    return {
+        "first_step_s": statistics.median(warm) if warm else None,
+        "first_step_basis": (f"median of {len(warm)} separate warm starts (process start to the end of the first "
+                             f"optimizer step: {setting})" if warm
+                             else "no warm separate start ran: see first_step_first_call_s"),
+        "first_step_cold_triton_s": cold[0] if cold else None,
+        "first_step_first_call_s": first_call_s,
+        "startup_runs": startups,
+    }
+
+
+def bytecode_state() -> dict:
+    """Whether this Python reads compiled bytecode for torch (a plain pip install writes it; some images do not)."""
+    import torch
+
+    cache = Path(torch.__file__).parent / "__pycache__"
+    return {"PYTHONDONTWRITEBYTECODE": os.environ.get("PYTHONDONTWRITEBYTECODE", ""),
+            "torch_pyc_files": len(list(cache.glob("*.pyc"))) if cache.is_dir() else 0}
+
+
 def table(summary: dict) -> str:
     s = summary
     lines = [f"{s['base']} on {s['device']}: tokens/s at batch {s['batch']} x {s['short_seq']}",
@@ -439,10 +467,13 @@ def table(summary: dict) -> str:
              f"| peer tuned: + Liger (incl. FLCE), no checkpointing | {s['peer_tuned_tok_s']} | "
              f"{s['peer_tuned_peak_gib']} |",
              f"| ours: train-sft, LoRA r16 | {s['ours_tok_s']} | {s['ours_peak_gib']} |",
-             "", f"ours / tuned peer: {s['ratio']}x; process start to first optimizer step: {s['first_step_s']} s", "",
-             *startup_lines(s.get("startup")),
-             *(f"separate start, {kind} Triton cache: {r.get('first_step_s')} s to the first step"
-               for kind, r in (s.get("startup_runs") or {}).items()), "",
+             "", f"ours / tuned peer: {s['ratio']}x", "",
+             f"process start to the end of the first optimizer step: {s.get('first_step_s')} s "
+             f"({s.get('first_step_basis')}); cold Triton cache: {s.get('first_step_cold_triton_s')} s; the sweep's "
+             f"first call: {s.get('first_step_first_call_s')} s", "",
+             "the sweep's first call, by phase:", *startup_lines(s.get("startup")),
+             *(f"separate start, {r.get('kind')} Triton cache: {r.get('first_step_s')} s to the first step"
+               + (f" ({r['skipped']})" if r.get("skipped") else "") for r in (s.get("startup_runs") or [])), "",
              f"| method | step / LoRA's | tok/s | peak GiB | checkpointing | {s['long_seq']}-token protocol "
              f"(micro {s['long_micro_batch']} x accum {s['long_grad_accum']}) | peak GiB there |",
              "|---|---|---|---|---|---|---|"]
@@ -494,19 +525,19 @@ def cmd_all(args) -> int:
                   "--seqs", args.seqs, "--short-seq", str(args.short_seq), "--batch", str(args.batch),
                   "--long-batch", str(args.long_batch), "--long-accum", str(args.long_accum),
                   *sum((["--set", kv] for kv in args.set or []), []), *common], int(min(args.timeout, left)))
-    startups = {}
+    startups = []
     for kind in [k for k in (args.startup_runs or "").split(",") if k]:
         left = args.budget - (time.time() - started) - 10 if args.budget else args.timeout
         if left < 60:
-            startups[kind] = {"skipped": f"only {left:.0f} s of the --budget left"}
+            startups.append({"kind": kind, "skipped": f"only {left:.0f} s of the --budget left"})
             continue
         # cold: an empty Triton cache (the first run on a machine JIT-compiles Liger's and TRL's kernels); warm: the
         # cache the earlier phases filled (a user's next run)
         env = {"TRITON_CACHE_DIR": tempfile.mkdtemp(prefix="triton-cold-")} if kind == "cold" else {}
-        startups[kind] = spawn(["startup", "--folder", folder, "--data-json", json.dumps(data), "--short-seq",
-                                str(args.short_seq), "--batch", str(args.batch), *common],
-                               int(min(args.timeout, left)), env=env)
-        print("startup", kind, startups[kind], flush=True)
+        startups.append({"kind": kind, **spawn(["startup", "--folder", folder, "--data-json", json.dumps(data),
+                                                "--short-seq", str(args.short_seq), "--batch", str(args.batch),
+                                                *common], int(min(args.timeout, left)), env=env)})
+        print("startup", startups[-1], flush=True)
     init = {}
     left = args.budget - (time.time() - started) - 10 if args.budget else args.timeout
     if args.init_layers and left < 45:
@@ -515,7 +546,9 @@ def cmd_all(args) -> int:
         init = spawn(["init", "--folder", folder, "--data-json", json.dumps(data), "--init-layers",
                       str(args.init_layers), "--short-seq", str(args.short_seq), *common], int(min(args.timeout, left)))
     summary = summarise(peers, ours, init, args)
-    summary["startup_runs"] = startups
+    summary.update(first_step_summary(summary["first_step_s"], startups,
+                                      f"a local {args.base} folder, LoRA r16, {args.batch} x {args.short_seq}"))
+    summary["python_bytecode"] = bytecode_state()
     summary["bench_seconds"] = round(time.time() - started, 1)
     summary["complete"] = "error" not in ours and len(summary["methods"]) == len(args.methods.split(","))
     if "error" in ours:
@@ -548,7 +581,8 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", help="extra train-sft override for ours, e.g. compile=on")
     p.add_argument("--init-layers", type=int, default=0, help="time real PiSSA/MiLoRA/KeepLoRA inits on N layers")
     p.add_argument("--skip-peers", action="store_true")
-    p.add_argument("--startup-runs", default="warm", help="extra fresh-process starts timed after the sweep: warm "
+    p.add_argument("--startup-runs", default="cold,warm,warm",
+                   help="extra fresh-process starts timed after the sweep (first_step_s is the median of the warm ones): warm "
                    "(Triton's kernel cache as the earlier phases left it), cold (an empty one); comma-separated, "
                    "'' for none")
     p.add_argument("--work", default="", help="scratch folder (the saved random base goes here)")
