@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import torch
 
+from peft_arena.training.lean import patching
+
 _ORIGINAL: dict = {}
 
 
@@ -199,31 +201,22 @@ def _mask_using_rank_pattern(self, model, rank_pattern):
             p.masked_fill_(masks[n], 0.0)
 
 
-def install() -> None:
-    """Patch peft's AdaLoRA forward and rank allocator (``_ORIGINAL`` keeps peft's, for tests)."""
+def _replacements() -> dict:
     from peft.tuners.adalora.layer import RankAllocator, SVDLinear
     from peft.tuners.adalora.model import AdaLoraModel
 
-    if "forward" not in _ORIGINAL:
-        _ORIGINAL.update(forward=SVDLinear.forward, model_forward=AdaLoraModel.forward,
-                         update_ipt=RankAllocator.update_ipt,
-                         mask_to_budget=RankAllocator.mask_to_budget,
-                         mask_using_rank_pattern=RankAllocator.mask_using_rank_pattern)
-    SVDLinear.forward = _svd_linear_forward
-    AdaLoraModel.forward = _adalora_model_forward
-    RankAllocator.update_ipt = _update_ipt
-    RankAllocator.mask_to_budget = _mask_to_budget
-    RankAllocator.mask_using_rank_pattern = _mask_using_rank_pattern
+    return {"forward": (SVDLinear, "forward", _svd_linear_forward),
+            "model_forward": (AdaLoraModel, "forward", _adalora_model_forward),
+            "update_ipt": (RankAllocator, "update_ipt", _update_ipt),
+            "mask_to_budget": (RankAllocator, "mask_to_budget", _mask_to_budget),
+            "mask_using_rank_pattern": (RankAllocator, "mask_using_rank_pattern", _mask_using_rank_pattern)}
+
+
+def install() -> None:
+    """Patch peft's AdaLoRA forward and rank allocator (``_ORIGINAL`` keeps peft's)."""
+    patching.patch(_ORIGINAL, _replacements())
 
 
 def uninstall() -> None:
     """peft's code back (tests)."""
-    from peft.tuners.adalora.layer import RankAllocator, SVDLinear
-    from peft.tuners.adalora.model import AdaLoraModel
-
-    if "forward" in _ORIGINAL:
-        SVDLinear.forward = _ORIGINAL["forward"]
-        AdaLoraModel.forward = _ORIGINAL["model_forward"]
-        RankAllocator.update_ipt = _ORIGINAL["update_ipt"]
-        RankAllocator.mask_to_budget = _ORIGINAL["mask_to_budget"]
-        RankAllocator.mask_using_rank_pattern = _ORIGINAL["mask_using_rank_pattern"]
+    patching.restore(_replacements())

@@ -40,6 +40,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from peft_arena.training.lean import patching
+
 GROUP_WIDTH = 64  # features per rotation tile of the activation GEMM (a multiple of the butterfly block L)
 
 _ORIGINAL: dict = {}
@@ -417,23 +419,21 @@ def _unmerge(self) -> None:
                                  .contiguous().to(orig_weight.dtype))
 
 
-def install() -> None:
-    """Patch peft's BOFT Linear forward, ``get_delta_weight``, ``merge`` and ``unmerge`` (``_ORIGINAL`` keeps
-    peft's, for tests)."""
+def _replacements() -> dict:
     from peft.tuners.boft.layer import Linear
 
-    if "forward" not in _ORIGINAL:
-        _ORIGINAL.update(forward=Linear.forward, get_delta_weight=Linear.get_delta_weight, merge=Linear.merge,
-                         unmerge=Linear.unmerge)
-    Linear.forward, Linear.get_delta_weight = _forward, _get_delta_weight
-    Linear.merge, Linear.unmerge = _merge, _unmerge
+    return {"forward": (Linear, "forward", _forward),
+            "get_delta_weight": (Linear, "get_delta_weight", _get_delta_weight),
+            "merge": (Linear, "merge", _merge), "unmerge": (Linear, "unmerge", _unmerge)}
+
+
+def install() -> None:
+    """Patch peft's BOFT Linear forward, ``get_delta_weight``, ``merge`` and ``unmerge`` (``_ORIGINAL`` keeps
+    peft's)."""
+    patching.patch(_ORIGINAL, _replacements())
 
 
 def uninstall() -> None:
     """peft's methods back (tests). Layers built by the arena's builder hold no ``boft_P``: peft's forward fails
     loudly on them (AttributeError) until :func:`install` runs again."""
-    from peft.tuners.boft.layer import Linear
-
-    if "forward" in _ORIGINAL:
-        for name in ("forward", "get_delta_weight", "merge", "unmerge"):
-            setattr(Linear, name, _ORIGINAL[name])
+    patching.restore(_replacements())

@@ -25,6 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from peft_arena.training.lean import patching
+
 _ORIGINAL: dict = {}
 
 
@@ -123,23 +125,19 @@ def _dora_forward(self, x, *, lora_A, lora_B, scaling, base_layer, base_result=N
     return result_dora.to(base_result.dtype)
 
 
-def install() -> None:
-    """Patch peft's DoRA forwards (``_ORIGINAL`` keeps peft's, for tests)."""
+def _replacements() -> dict:
     from peft.tuners.lora.dora import DoraLinearLayer
     from peft.tuners.lora.variants import DoraLinearVariant
 
-    if "dora" not in _ORIGINAL:
-        _ORIGINAL["dora"] = DoraLinearLayer.forward
-        _ORIGINAL["variant"] = DoraLinearVariant.forward
-    DoraLinearLayer.forward = _dora_forward
-    DoraLinearVariant.forward = staticmethod(_variant_forward)
+    return {"dora": (DoraLinearLayer, "forward", _dora_forward),
+            "variant": (DoraLinearVariant, "forward", staticmethod(_variant_forward))}
+
+
+def install() -> None:
+    """Patch peft's DoRA forwards (``_ORIGINAL`` keeps peft's)."""
+    patching.patch(_ORIGINAL, _replacements())
 
 
 def uninstall() -> None:
     """peft's forwards back (tests)."""
-    from peft.tuners.lora.dora import DoraLinearLayer
-    from peft.tuners.lora.variants import DoraLinearVariant
-
-    if "dora" in _ORIGINAL:
-        DoraLinearLayer.forward = _ORIGINAL["dora"]
-        DoraLinearVariant.forward = staticmethod(_ORIGINAL["variant"])
+    patching.restore(_replacements())

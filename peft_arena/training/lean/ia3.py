@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from peft_arena.training.lean import patching
+
 _ORIGINAL: dict = {}
 
 
@@ -78,18 +80,17 @@ def _lean_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     return _Scale.apply(result, ia3_scaling)
 
 
-def install() -> None:
-    """Patch peft's IA3 linear forward (``_ORIGINAL`` keeps peft's, for tests)."""
+def _replacements() -> dict:
     from peft.tuners.ia3.layer import Linear
 
-    if "forward" not in _ORIGINAL:
-        _ORIGINAL["forward"] = Linear.forward
-    Linear.forward = _lean_forward
+    return {"forward": (Linear, "forward", _lean_forward)}
+
+
+def install() -> None:
+    """Patch peft's IA3 linear forward (``_ORIGINAL`` keeps peft's)."""
+    patching.patch(_ORIGINAL, _replacements())
 
 
 def uninstall() -> None:
     """peft's forward back (tests)."""
-    from peft.tuners.ia3.layer import Linear
-
-    if "forward" in _ORIGINAL:
-        Linear.forward = _ORIGINAL["forward"]
+    patching.restore(_replacements())

@@ -31,6 +31,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from peft_arena.training.lean import patching
+
 _ORIGINAL: dict = {}
 _AUTOCAST_ELIGIBLE = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -121,18 +123,17 @@ def _lean_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     return result.to(previous_dtype)
 
 
-def install() -> None:
-    """Patch peft's VeRA linear forward (``_ORIGINAL`` keeps peft's, for tests)."""
+def _replacements() -> dict:
     from peft.tuners.vera.layer import Linear
 
-    if "forward" not in _ORIGINAL:
-        _ORIGINAL["forward"] = Linear.forward
-    Linear.forward = _lean_forward
+    return {"forward": (Linear, "forward", _lean_forward)}
+
+
+def install() -> None:
+    """Patch peft's VeRA linear forward (``_ORIGINAL`` keeps peft's)."""
+    patching.patch(_ORIGINAL, _replacements())
 
 
 def uninstall() -> None:
     """peft's forward back (tests)."""
-    from peft.tuners.vera.layer import Linear
-
-    if "forward" in _ORIGINAL:
-        Linear.forward = _ORIGINAL["forward"]
+    patching.restore(_replacements())
