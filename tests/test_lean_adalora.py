@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from adapter_checks import perturb_trainable
 
 from peft_arena.methods import ops
 from peft_arena.methods.registry import BuildContext, MethodError
@@ -42,11 +43,7 @@ def _model(tiny_source, dtype=torch.float32, **overrides):
     base = AutoModelForCausalLM.from_pretrained(tiny_source, dtype=dtype)
     options = {"dropout": 0.0, **overrides}
     model, options = ops.build(base, "adalora", options, BuildContext(total_steps=10, train="sft"))
-    torch.manual_seed(1)  # off the init (E = 0), so that every factor gets a gradient
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.05)
+    perturb_trainable(model, 0.05)  # off the init (E = 0), so that every factor gets a gradient
     return model, options
 
 

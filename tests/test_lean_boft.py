@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from adapter_checks import perturb_trainable
 
 from peft_arena.methods import BuildContext, ops
 from peft_arena.methods.boft import install_block_diag_kernel
@@ -27,14 +28,6 @@ def _peft_boft(model, **config):
 
     install_block_diag_kernel()
     return get_peft_model(model, BOFTConfig(**config))
-
-
-def _perturb(model, scale=0.1):
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * scale)
 
 
 def _grads(model):
@@ -84,7 +77,7 @@ def test_lean_boft_matches_peft_on_the_tiny_model(tiny_source, dropout):
     base = AutoModelForCausalLM.from_pretrained(tiny_source, dtype=torch.float32)
     model = _peft_boft(base, boft_block_size=8, boft_n_butterfly_factor=2, boft_dropout=dropout,
                        target_modules="all-linear")
-    _perturb(model)
+    perturb_trainable(model, 0.1)
     model.train()
 
     def loss_and_grads(m):
@@ -252,7 +245,7 @@ def test_prepared_model_stacks_every_layers_blocks(tiny_source, checkpointing):
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(tiny_source, dtype=torch.float32)
     model = _peft_boft(base, boft_block_size=8, boft_n_butterfly_factor=2, target_modules="all-linear")
-    _perturb(model)
+    perturb_trainable(model, 0.1)
     model.train()
 
     def loss_and_grads(m):

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from adapter_checks import perturb_trainable, sharp_model
 
 BATCH = {"input_ids": torch.tensor([[5, 17, 99, 240, 7, 31], [8, 3, 77, 120, 64, 9]]),
          "labels": torch.tensor([[5, 17, 99, 240, 7, 31], [-100, 3, 77, 120, 64, 9]])}
@@ -11,23 +12,11 @@ N_ADAPTED = 7 * 2  # all-linear on the tiny model's two decoder layers
 def _model(source, method, options, dtype=torch.float32, sharp=0.3):
     """The tiny model with larger weights (std ``sharp``) and the adapter moved off its init, so that every term
     matters."""
-    from transformers import AutoModelForCausalLM
-
     from peft_arena.methods import ops
 
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, sharp)
-    model.to(dtype)
+    model = sharp_model(source, sharp).to(dtype)
     model, _ = ops.build(model, method, options)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.2)
+    perturb_trainable(model, 0.2)
     model.train()
     return model
 

@@ -3,21 +3,9 @@
 import pytest
 from unittest import mock
 import torch
+from adapter_checks import perturb_trainable, sharp_model
 
 from peft_arena.training import precision
-
-
-def _sharp_model(source):
-    """The tiny model with larger weights, so that attention is far from uniform (a leak would show in the loss)."""
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.3)
-    return model
 
 
 def _examples(n=3):
@@ -32,7 +20,7 @@ def _examples(n=3):
 def test_padding_free_loss_equals_padded_loss_and_needs_position_resets(tiny_source):
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    model = _sharp_model(tiny_source)
+    model = sharp_model(tiny_source)
     examples = _examples()
     padded = DataCollatorForLanguageModeling(pad_token_id=0)(examples)
     packed = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(examples)
@@ -55,7 +43,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_source):
 
     losses, grads = [], []
     for checkpointing in (False, True):
-        model, _ = ops.build(_sharp_model(tiny_source), "lora", {"dropout": 0.0, "r": 4})
+        model, _ = ops.build(sharp_model(tiny_source), "lora", {"dropout": 0.0, "r": 4})
         with torch.no_grad():  # a non-zero B so that A's gradient is not zero either
             for name, p in model.named_parameters():
                 if "lora_B" in name:
@@ -133,23 +121,14 @@ def _loss_and_grads(model, batch):
     return loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
 
 
-def _perturb_adapter(model, scale=0.05):
-    """Move the adapter off its identity init so that every term matters."""
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * scale)
-
-
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_lean_dora_matches_peft(tiny_source, dropout):
     from peft_arena.methods import ops
     from peft_arena.training import lean
     from peft_arena.training.lean import dora
 
-    model, _ = ops.build(_sharp_model(tiny_source), "dora", {"dropout": dropout})
-    _perturb_adapter(model)
+    model, _ = ops.build(sharp_model(tiny_source), "dora", {"dropout": dropout})
+    perturb_trainable(model, 0.05)
     model.train()
     batch = {"input_ids": torch.tensor([[5, 17, 99, 240, 7, 31]]), "labels": torch.tensor([[5, 17, 99, 240, 7, 31]])}
     results = []
@@ -182,7 +161,7 @@ def test_lean_dora_bias_and_row_norm():
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(24, 40, bias=True))
     model = get_peft_model(net, LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["0"]))
-    _perturb_adapter(model, 0.2)
+    perturb_trainable(model, 0.2)
     x = torch.randn(3, 5, 24)
     outs = []
     for patched in (False, True):
@@ -271,7 +250,7 @@ def test_gpu_svd_path_builds_the_same_adapter(tiny_source, method, monkeypatch):
     for gram in (False, True):
         for module in (svd_init, keeplora):
             monkeypatch.setattr(module, "use_gram_svd", (lambda t: True) if gram else gram_svd.use_gram_svd)
-        model, _ = ops.build(_sharp_model(tiny_source), method, {"r": 4}, BuildContext(calibration_batch=batch))
+        model, _ = ops.build(sharp_model(tiny_source), method, {"r": 4}, BuildContext(calibration_batch=batch))
         layer = model.get_base_model().model.layers[1].mlp.down_proj
         delta = layer.lora_B["default"].weight @ layer.lora_A["default"].weight
         states.append((delta, layer.get_base_layer().weight.detach().clone()))
